@@ -1,0 +1,387 @@
+"""The sweep driver behind `python -m platform.sweep` and `python -m platform.train`.
+
+Order of work, so that bad input never leaves anything behind:
+1. parse and validate everything (config.UsageError → one line, exit code 2): method, task, grid, search,
+   hyperparameter overrides and every swept value, seeds, budgets, resources;
+2. prepare the task's data (synthetic tasks are generated on first use; a missing real dataset → exit 2);
+3. say what will run and roughly how long it takes;
+4. connect to Ray, create the MLflow experiment and the sweep's parent run, run Tune;
+5. whatever happens (success, failed trials, Ctrl-C), end every child run and the parent run, then summarise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from platform import cluster, config, tasks, tracking
+from platform.config import Resolved, Sweep, UsageError
+from platform.datasets import DatasetNotFoundError
+from platform.loop import PRIMARY_METRIC
+
+# Measured on a 2-CPU machine (README, "Platform overhead"): fixed cost of one Tune+Train trial beyond its steps.
+TRIAL_OVERHEAD_S = 25.0
+RAY_START_S = 10.0
+
+SWEEP_EXAMPLES = """examples:
+  python -m platform.sweep source_only                         # default sweep on the synthetic default task
+  python -m platform.sweep source_only --task synthetic-urban --grid lr --seeds 0,1,2
+  python -m platform.sweep source_only --search tpe --num-samples 8 --scheduler asha
+  python -m platform.sweep source_only --set learning_rate=0.02 --max-steps 100
+  ray job submit --working-dir . -- python -m platform.sweep source_only --task synthetic-urban
+"""
+
+TRAIN_EXAMPLES = """examples:
+  python -m platform.train source_only                         # paper/task defaults, seed 0
+  python -m platform.train source_only --task synthetic-cxr --set learning_rate=0.02 --seed 1
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit code 2, like every other bad input
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser(single: bool) -> argparse.ArgumentParser:
+    prog = "python -m platform.train" if single else "python -m platform.sweep"
+    description = ("Train one configuration of a method through Ray Train, tracked in MLflow." if single else
+                   "Sweep a method's hyperparameters with Ray Tune (+ Optuna), each trial a Ray Train run, tracked "
+                   "in MLflow.")
+    parser = _Parser(prog=prog, description=description, epilog=TRAIN_EXAMPLES if single else SWEEP_EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("method", help="registered method (see methods/__init__.py)")
+    parser.add_argument("--task", help="task name (default: the method's default task, a synthetic one)")
+    if single:
+        parser.add_argument("--seed", type=int, default=0)
+    else:
+        parser.add_argument("--grid", help="named grid of search_spaces/<method>.py (Tune grid search)")
+        parser.add_argument("--search", choices=("random", "tpe"),
+                            help="sample --num-samples configurations from the search space's RANGES; random "
+                                 "(default) or Optuna TPE; the first configuration is always the defaults")
+        parser.add_argument("--num-samples", type=int, help="configurations to sample (default 2)")
+        parser.add_argument("--scheduler", choices=("asha",), help="early stopping of weak trials")
+        parser.add_argument("--seeds", default="0", help="comma-separated seeds, an axis of the sweep (default 0)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a Hyperparams field (repeatable)")
+    parser.add_argument("--max-steps", type=int, help="optimiser steps per trial (default: the search space's)")
+    parser.add_argument("--eval-every", type=int, help="evaluate on target val every N steps (default max_steps/5)")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (data parallel)")
+    parser.add_argument("--cpus-per-worker", type=int, default=1)
+    parser.add_argument("--gpus-per-worker", type=float, default=0)
+    parser.add_argument("--max-failures", type=int, default=0, help="retries of a trial's workers from checkpoint")
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    parser.add_argument("--storage-path", help=f"Ray results and checkpoints (default {config.DEFAULT_STORAGE})")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                               "sqlite:///$PWD/mlflow.db)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: METHOD/TASK)")
+    parser.add_argument("--data-root", help="prepared datasets (default: $UDA_DATA_ROOT, else "
+                                            "~/.cache/uda-platform/data)")
+    parser.add_argument("--name", help="sweep name (default: METHOD-TASK-MODE-TIMESTAMP); reuse it with --resume")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep --name (or the latest sweep of "
+                                                              "this method and task) without rerunning finished trials")
+    return parser
+
+
+@dataclass(frozen=True)
+class Plan:
+    resolved: Resolved
+    sweep: Sweep
+    args: argparse.Namespace
+    data_root: str
+    storage_path: str
+    tracking_uri: str
+    experiment: str
+    name: str
+
+
+def make_plan(args: argparse.Namespace, single: bool) -> Plan:
+    resolved_method = config.resolve(args.method, args.task)  # method/task first, for the error order users expect
+    overrides = config.parse_overrides(resolved_method.method, args.overrides)
+    resolved = config.resolve(args.method, args.task, overrides, args.max_steps, args.eval_every)
+    for flag, value, minimum in (("--workers", args.workers, 1), ("--cpus-per-worker", args.cpus_per_worker, 1),
+                                 ("--max-failures", args.max_failures, -1)):
+        if value < minimum:
+            raise UsageError(f"{flag} must be >= {minimum} (got {value})")
+    if args.gpus_per_worker < 0:
+        raise UsageError(f"--gpus-per-worker must be >= 0 (got {args.gpus_per_worker})")
+    if single:
+        sweep = Sweep("grid", ({},), (args.seed,), 1)
+    else:
+        seeds = config.parse_seeds(args.seeds)
+        sweep = config.plan_sweep(resolved, args.grid, args.search, args.num_samples, seeds, list(overrides),
+                                  sampling_seed=seeds[0])
+    mode = "train" if single else (f"grid-{sweep.grid_name}" if sweep.mode == "grid" else sweep.mode)
+    storage = args.storage_path or config.DEFAULT_STORAGE
+    storage = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+    name = args.name or (None if args.resume else
+                         f"{resolved.method.name}-{resolved.task.name}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume and name is None:
+        name = _latest_sweep(storage, f"{resolved.method.name}-{resolved.task.name}-")
+    return Plan(resolved=resolved, sweep=sweep, args=args,
+                data_root=os.path.abspath(os.path.expanduser(args.data_root or tasks.default_data_root())),
+                storage_path=storage, tracking_uri=args.tracking_uri or tracking.default_tracking_uri(),
+                experiment=args.experiment or f"{resolved.method.name}/{resolved.task.name}", name=name)
+
+
+def _latest_sweep(storage: str, prefix: str) -> str:
+    candidates = [d for d in (os.listdir(storage) if os.path.isdir(storage) else []) if d.startswith(prefix)]
+    if not candidates:
+        raise UsageError(f"--resume: no sweep starting with {prefix!r} under {storage}; pass --name NAME")
+    return max(candidates, key=lambda d: os.path.getmtime(os.path.join(storage, d)))
+
+
+# ---------------------------------------------------------------------------------------------- estimate
+
+
+def estimate_step_seconds(plan: Plan) -> float | None:
+    """Time three optimiser steps of the first stage in this process on a synthetic batch; None for GPU trials or
+    real datasets (where a CPU probe would be meaningless or slow)."""
+    resolved = plan.resolved
+    if plan.args.gpus_per_worker > 0 or not resolved.task.synthetic:
+        return None
+    import torch
+
+    import methods
+    from methods.contract import Batch, StepContext
+    from platform.datasets import read_manifest
+
+    hp = methods.make_hyperparams(resolved.method, {**resolved.base, **plan.sweep.points[0]})
+    info = resolved.task.info
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan.args.cpus_per_worker)
+    try:
+        modules = resolved.method.build(hp, info)
+        stage = resolved.method.stages(hp)[0]
+        optims = stage.optimizers(hp, modules, 100)
+        state = resolved.method.init_state(hp, info)
+        height, width = read_manifest(plan.data_root, resolved.task.source_train.dataset).splits["train"].image_sizes[0]
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(hp.batch_size, info.in_channels, height, width, generator=generator)
+        batch = Batch(source_image=images, source_label=torch.randint(0, info.num_classes, (hp.batch_size, height, width),
+                                                                       generator=generator),
+                      target_image=images.clone() if stage.uses_target else None,
+                      target_image_label=torch.ones(hp.batch_size, info.num_classes) if info.target_image_labels else None)
+        for name, module in modules.items():
+            module.train(name in stage.trains)
+        ctx = StepContext(hp=hp, info=info, modules=modules, optimizers={n: o.optimizer for n, o in optims.items()},
+                          state=state, stage=stage.name, stage_step=0, stage_steps=100, target_epoch=0,
+                          generator=generator, device=torch.device("cpu"))
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            stage.step(ctx, batch)
+            timings.append(time.perf_counter() - started)
+        return sum(timings[1:]) / 2
+    except Exception:  # an estimate must never stop a sweep; the trial will report the real error
+        return None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def describe(plan: Plan, step_seconds: float | None, concurrency: int) -> str:
+    sweep, resolved = plan.sweep, plan.resolved
+    if sweep.mode == "tpe":
+        what = f"TPE over {', '.join(resolved.space.ranges)} ({sweep.num_samples} configurations, defaults first)"
+    elif sweep.grid_name:
+        keys = sweep.swept_keys
+        what = f"grid {sweep.grid_name!r} ({len(sweep.points)} points over {', '.join(keys) or 'nothing'})"
+    elif len(sweep.points) == 1 and not sweep.points[0]:
+        what = "one configuration"
+    else:
+        what = (f"random search over {', '.join(resolved.space.ranges)} ({len(sweep.points)} configurations, "
+                "defaults first)")
+    lines = [f"{resolved.method.name} on {resolved.task.name}: {what} × seeds {list(sweep.seeds)} = "
+             f"{sweep.num_trials} trial(s) of {resolved.max_steps} steps, evaluated every {resolved.eval_every} steps",
+             f"  {plan.args.workers} worker(s) per trial, {concurrency} trial(s) at a time"]
+    if step_seconds is not None:
+        per_trial = TRIAL_OVERHEAD_S + resolved.max_steps * step_seconds * 1.15  # + evaluation
+        total = RAY_START_S + math.ceil(sweep.num_trials / concurrency) * per_trial
+        lines.append(f"  expected duration: about {_minutes(total)} ({step_seconds:.2f} s/step measured here, "
+                     f"~{TRIAL_OVERHEAD_S:.0f} s fixed cost per trial)")
+    else:
+        lines.append("  expected duration: not estimated here (GPU trials or real data; see benchmarks/)")
+    lines.append(f"  sweep {plan.name}; results in {plan.storage_path}; tracking {plan.tracking_uri}")
+    return "\n".join(lines)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
+    try:
+        args = build_parser(single).parse_args(argv)
+        plan = make_plan(args, single)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    resolved = plan.resolved
+    try:
+        if resolved.task.synthetic:
+            print(f"Preparing {resolved.task.name} data under {plan.data_root} (generated on first use, then cached)",
+                  flush=True)
+        fingerprints = tasks.prepare(resolved.task, plan.data_root)
+    except DatasetNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    step_seconds = estimate_step_seconds(plan)
+
+    cluster.connect(plan.args.address)
+    available = cluster.resources()
+    if plan.args.gpus_per_worker > 0 and available.gpus < plan.args.workers * plan.args.gpus_per_worker \
+            and plan.args.address is None and not cluster.in_ray_job():
+        print(f"error: a trial needs {plan.args.workers * plan.args.gpus_per_worker:g} GPU(s) and this machine's Ray "
+              f"cluster has {available.gpus:g}; lower --gpus-per-worker or pass --address of a GPU cluster",
+              file=sys.stderr)
+        return 2
+    concurrency = cluster.max_concurrent_trials(available, plan.args.workers, plan.args.cpus_per_worker,
+                                                plan.args.gpus_per_worker)
+    print(describe(plan, step_seconds, concurrency), flush=True)
+    return run_sweep(plan, fingerprints, concurrency)
+
+
+def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int:
+    from ray import tune
+
+    from platform import tuning
+
+    resolved, sweep = plan.resolved, plan.sweep
+    tracker = tracking.Tracker(plan.tracking_uri)
+    experiment_id = tracker.experiment(plan.experiment)
+    code = tracking.code_version(cluster.REPOSITORY_ROOT)
+    parent = tracker.find_sweep(experiment_id, plan.name) if plan.args.resume else None
+    if parent is None:
+        parent = tracker.start_sweep(experiment_id, plan.name, params=_sweep_params(plan),
+                                     tags={"method": resolved.method.name, "task": resolved.task.name,
+                                           "code_version": code},
+                                     artifacts={"sweep.json": json.dumps(_sweep_definition(plan), indent=2, default=str)})
+    else:
+        tracker.client.update_run(parent, status="RUNNING")
+    template = tuning.TrialTemplate(
+        method=resolved.method.name, task=resolved.task.name, base=dict(resolved.base), max_steps=resolved.max_steps,
+        eval_every=resolved.eval_every, data_root=plan.data_root,
+        storage_path=os.path.join(plan.storage_path, plan.name, "train"), sweep_name=plan.name,
+        workers=plan.args.workers, cpus_per_worker=plan.args.cpus_per_worker,
+        gpus_per_worker=plan.args.gpus_per_worker, max_failures=plan.args.max_failures,
+        tracking_uri=plan.tracking_uri, experiment_id=experiment_id, parent_run_id=parent, code_version=code,
+        fingerprints=fingerprints, defaults=config.hyperparams_dict(resolved.method, resolved.base))
+    trainable = tune.with_resources(tune.with_parameters(tuning.run_trial, template=template),
+                                    {"CPU": cluster.TRIAL_DRIVER_CPUS})
+    experiment_path = os.path.join(plan.storage_path, plan.name)
+    status, results = "FAILED", None
+    try:
+        if plan.args.resume and tune.Tuner.can_restore(experiment_path):
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tuning.param_space(sweep, resolved.space.ranges),
+                tune_config=tune.TuneConfig(
+                    metric=PRIMARY_METRIC, mode=tuning.MODE, num_samples=tuning.num_tune_samples(sweep),
+                    search_alg=tuning.searcher(sweep, sweep.seeds[0]),
+                    scheduler=tuning.scheduler(plan.args.scheduler, resolved.max_steps, resolved.eval_every),
+                    max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: trial.trial_id,
+                    trial_name_creator=lambda trial: trial.trial_id),
+                run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage_path, verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        results = tuner.fit()
+        finished = results.num_terminated + results.num_errors
+        status = "KILLED" if finished < len(results) else ("FINISHED" if results.num_terminated else "FAILED")
+    except KeyboardInterrupt:
+        status = "KILLED"
+    finally:
+        _reconcile(tracker, experiment_id, parent, results)
+        tracker.end(parent, status, None if status == "FINISHED" else _parent_reason(status, results))
+    _summarise(plan, tracker, experiment_id, parent, results, status)
+    if status == "KILLED":
+        return 130
+    return 0 if results is not None and results.num_terminated else 1
+
+
+def _reconcile(tracker: tracking.Tracker, experiment_id: str, parent: str, results: Any) -> None:
+    """No child run may stay RUNNING: a trial that Tune ended without its function ending the run (ASHA stops it,
+    its driver died, the sweep was interrupted) gets its terminal state here."""
+    outcome: dict[str, tuple[str, str | None]] = {}
+    for result in results or []:
+        trial_id = os.path.basename(str(result.path)) if result.path else None
+        if trial_id is None:
+            continue
+        if result.error is not None:
+            outcome[trial_id] = ("FAILED", str(result.error).strip().splitlines()[-1][:1000])
+        else:
+            outcome[trial_id] = ("FINISHED", None)
+    for run in tracker.children(experiment_id, parent):
+        if run.info.status in tracking.TERMINAL:
+            continue
+        trial_id = run.data.tags.get(tracking.TRIAL_TAG)
+        status, reason = outcome.get(trial_id, ("KILLED", "the sweep stopped before this trial finished"))
+        if status == "FINISHED":
+            tracker.client.set_tag(run.info.run_id, "uda.stopped_early", "scheduler")
+        tracker.end(run.info.run_id, status, reason)
+
+
+def _parent_reason(status: str, results: Any) -> str:
+    if status == "KILLED":
+        return "interrupted; continue with --resume --name <this sweep>"
+    errors = len(results.errors) if results is not None else 0
+    return f"no trial finished ({errors} failed)"
+
+
+def _sweep_params(plan: Plan) -> dict[str, Any]:
+    sweep = plan.sweep
+    return {"method": plan.resolved.method.name, "task": plan.resolved.task.name, "mode": sweep.mode,
+            "grid": sweep.grid_name or "", "num_trials": sweep.num_trials, "seeds": ",".join(map(str, sweep.seeds)),
+            "max_steps": plan.resolved.max_steps, "eval_every": plan.resolved.eval_every,
+            "workers": plan.args.workers, "scheduler": getattr(plan.args, "scheduler", None) or "",
+            "overrides": json.dumps(dict(plan.resolved.base), default=str)}
+
+
+def _sweep_definition(plan: Plan) -> dict[str, Any]:
+    return {**_sweep_params(plan), "points": list(plan.sweep.points), "ranges": dict(plan.resolved.space.ranges),
+            "num_samples": plan.sweep.num_samples, "argv": sys.argv, "data_root": plan.data_root,
+            "storage_path": plan.storage_path}
+
+
+def _summarise(plan: Plan, tracker: tracking.Tracker, experiment_id: str, parent: str, results: Any,
+               status: str) -> None:
+    runs = tracker.children(experiment_id, parent)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    print(f"\nSweep {plan.name}: {status}. {len(finished)} trial(s) finished, {len(failed)} failed, "
+          f"{len(runs) - len(finished) - len(failed)} killed.")
+    for run in failed:
+        print(f"  failed: {run.info.run_name}: {run.data.tags.get(tracking.REASON_TAG, '')}")
+    scored = [r for r in finished if "val_target/best_miou" in r.data.metrics]
+    if scored:
+        best = max(scored, key=lambda r: r.data.metrics["val_target/best_miou"])
+        swept = plan.sweep.swept_keys if plan.sweep.mode != "tpe" else tuple(plan.resolved.space.ranges)
+        shown = {k: best.data.params.get(k) for k in (*swept, "seed")}
+        artifacts = f"{best.info.artifact_uri}/checkpoints"
+        print(f"Best configuration: {' '.join(f'{k}={v}' for k, v in shown.items())}  ({best.info.run_name})")
+        print(f"  target val mIoU: {best.data.metrics['val_target/best_miou']:.2f} (best evaluation), "
+              f"{best.data.metrics.get(PRIMARY_METRIC, float('nan')):.2f} (last)")
+        per_class = {k.rsplit('/', 1)[-1]: v for k, v in best.data.metrics.items() if k.startswith("val_target/iou/")}
+        if per_class:
+            print("  per-class IoU (last): " + ", ".join(f"{k} {v:.1f}" for k, v in per_class.items()))
+        print(f"  checkpoints: {artifacts}/best_val_target_miou.pt (best on target val) and {artifacts}/last.pt")
+        print(f"  MLflow run: {best.info.run_id} (sweep run {parent}, experiment {plan.experiment!r})")
+    print(f"View: {tracking.ui_command(plan.tracking_uri)}")
+    if status == "KILLED":
+        print(f"Continue: {plan_resume_command(plan)}")
+
+
+def plan_resume_command(plan: Plan) -> str:
+    return f"python -m platform.sweep {plan.resolved.method.name} --task {plan.resolved.task.name} --resume " \
+           f"--name {plan.name} --storage-path {plan.storage_path} --tracking-uri {plan.tracking_uri}"

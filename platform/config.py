@@ -1,0 +1,268 @@
+"""Resolving and validating what a user asked for, before anything starts.
+
+Every check that can fail on user input lives here and raises `UsageError` with one line naming what is wrong and the
+valid choices or the fix. The CLI turns it into exit code 2; the programmatic API lets it propagate. Nothing here
+starts Ray, touches MLflow or writes data.
+
+Precedence of hyperparameter values: the method's paper defaults (its Hyperparams dataclass) < the search space's
+per-task defaults < `--set key=value` < the swept values of a grid point or a sampled configuration. Setting with
+`--set` a key that the chosen grid or search also sweeps is an error rather than a silent override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
+
+import methods
+import search_spaces
+from methods.contract import Method
+from platform import tasks
+from platform.tasks import Task
+from search_spaces import SEED_AXIS, SearchSpace
+
+
+DEFAULT_STORAGE = os.path.expanduser("~/ray_results/uda")
+
+
+class UsageError(ValueError):
+    """Bad user input: the message is one line, printed as is, and the process exits with code 2."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    method: Method
+    task: Task
+    space: SearchSpace
+    base: Mapping[str, Any]  # per-task defaults + --set overrides (not yet the swept values)
+    max_steps: int
+    eval_every: int
+
+
+def resolve(method_name: str, task_name: str | None = None, overrides: Mapping[str, Any] | None = None,
+            max_steps: int | None = None, eval_every: int | None = None) -> Resolved:
+    try:
+        method = methods.get(method_name)
+    except methods.UnknownMethodError as error:
+        raise UsageError(str(error)) from None
+    try:
+        space = search_spaces.load(method.name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    task_name = task_name or space.default_task
+    if task_name not in tasks.TASKS or task_name not in method.tasks:
+        kind = "unknown task" if task_name not in tasks.TASKS else "task not supported by this method:"
+        raise UsageError(f"{kind} {task_name!r} for {method.name}; valid: {', '.join(method.tasks)}")
+    task = tasks.get(task_name)
+    base = {**space.task_defaults.get(task.name, {}), **(overrides or {})}
+    check_hyperparams(method, base)
+    if max_steps is None:
+        max_steps = space.max_steps.get(task.name)
+        if max_steps is None:
+            raise UsageError(f"search_spaces/{method.name}.py has no step budget for {task.name}; pass --max-steps N")
+    if max_steps < 1:
+        raise UsageError(f"--max-steps must be >= 1 (got {max_steps})")
+    if eval_every is None:
+        eval_every = max(1, max_steps // 5)
+    if eval_every < 1:
+        raise UsageError(f"--eval-every must be >= 1 (got {eval_every})")
+    return Resolved(method=method, task=task, space=space, base=base, max_steps=max_steps, eval_every=eval_every)
+
+
+def check_hyperparams(method: Method, values: Mapping[str, Any]) -> Any:
+    """The method's Hyperparams with `values` applied; UsageError on an unknown key or a failed range check."""
+    try:
+        return methods.make_hyperparams(method, values)
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        if not message.startswith("unknown hyperparameter"):
+            message = f"invalid hyperparameters for {method.name}: {message}"
+        raise UsageError(message) from None
+
+
+# ---------------------------------------------------------------------------------------------- --set key=value
+
+
+def parse_overrides(method: Method, assignments: Sequence[str]) -> dict[str, Any]:
+    """`["xi1=0.3", "architecture=tiny"]` → typed values, by the types of the method's Hyperparams fields."""
+    hints = typing.get_type_hints(method.hyperparams)
+    valid = methods.hyperparam_names(method)
+    parsed: dict[str, Any] = {}
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        key = key.strip()
+        if not separator or not key:
+            raise UsageError(f"malformed --set {assignment!r}: expected key=value, e.g. --set {valid[0]}=...")
+        if key not in valid:
+            raise UsageError(f"unknown hyperparameter {key!r} for {method.name}; valid: {', '.join(valid)}")
+        parsed[key] = _convert(key, text.strip(), hints[key])
+    return parsed
+
+
+def _convert(key: str, text: str, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        for choice in choices:
+            if str(choice) == text:
+                return choice
+        raise UsageError(f"invalid value for {key}: {text!r}; valid: {', '.join(map(str, choices))}")
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if text.lower() in ("none", "null") and len(options) < len(typing.get_args(hint)):
+            return None
+        return _convert(key, text, options[0])
+    try:
+        if hint is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            value = float(text)
+            if math.isnan(value):
+                raise ValueError
+            return value
+    except ValueError:
+        raise UsageError(f"invalid value for {key}: {text!r} is not a {hint.__name__}") from None
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What to run: explicit points (grid or random search) or a TPE search, times seeds."""
+
+    mode: Literal["grid", "random", "tpe"]
+    points: tuple[Mapping[str, Any], ...]  # grid/random: every configuration; tpe: the points to evaluate first
+    seeds: tuple[int, ...]
+    num_samples: int  # tpe: configurations to sample (each runs once per seed)
+    grid_name: str | None = None
+
+    @property
+    def num_trials(self) -> int:
+        configurations = len(self.points) if self.mode != "tpe" else self.num_samples
+        return configurations * len(self.seeds)
+
+    @property
+    def swept_keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for p in self.points for k in p))
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"malformed --seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"malformed --seeds {text!r}: expected distinct comma-separated integers, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def plan_sweep(resolved: Resolved, grid: str | None, search: str | None, num_samples: int | None,
+               seeds: Sequence[int], set_keys: Sequence[str], sampling_seed: int = 0) -> Sweep:
+    """Turn --grid / --search / --num-samples / --seeds into explicit points, validating every one of them."""
+    space, method = resolved.space, resolved.method
+    if grid and search:
+        raise UsageError("--grid and --search are exclusive: a grid runs every point, a search samples --num-samples")
+    if grid and num_samples is not None:
+        raise UsageError("--num-samples applies to --search; a grid runs each point once per seed (use --seeds)")
+    if num_samples is not None and num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1 (got {num_samples})")
+    if grid:
+        try:
+            raw_points = space.grid_points(grid)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        seed_values = {p.pop(SEED_AXIS) for p in raw_points if SEED_AXIS in p}
+        points = _unique(raw_points)
+        if seed_values:
+            seeds = tuple(sorted(seed_values))
+        sweep = Sweep("grid", tuple(points), tuple(seeds), 1, grid_name=grid)
+    else:
+        mode = search or "random"
+        if mode not in ("random", "tpe"):
+            raise UsageError(f"unknown --search {mode!r}; valid: random, tpe")
+        if not space.ranges:
+            raise UsageError(f"search_spaces/{method.name}.py defines no RANGES to search; use --grid "
+                             f"({', '.join(space.grids) or 'none defined'})")
+        samples = num_samples if num_samples is not None else 2
+        first = {key: _base_value(resolved, key) for key in space.ranges}
+        if mode == "random":
+            points = [first] + sample_points(space.ranges, samples - 1, sampling_seed)
+            sweep = Sweep("random", tuple(points[:samples]), tuple(seeds), samples)
+        else:
+            sweep = Sweep("tpe", (first,), tuple(seeds), samples)
+    conflicts = sorted(set(set_keys) & set(sweep.swept_keys if sweep.mode != "tpe" else space.ranges))
+    if conflicts:
+        raise UsageError(f"--set {conflicts[0]} conflicts with the sweep, which varies {conflicts[0]}; drop one of them")
+    for point in sweep.points:
+        check_hyperparams(method, {**resolved.base, **point})
+    if sweep.mode == "tpe":
+        for key, spec in space.ranges.items():
+            for bound in _range_bounds(spec):
+                check_hyperparams(method, {**resolved.base, key: bound})
+    return sweep
+
+
+def _base_value(resolved: Resolved, key: str) -> Any:
+    if key in resolved.base:
+        return resolved.base[key]
+    return getattr(resolved.method.hyperparams(), key)
+
+
+def _unique(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen, unique = set(), []
+    for point in points:
+        marker = tuple(sorted((k, repr(v)) for k, v in point.items()))
+        if marker not in seen:
+            seen.add(marker)
+            unique.append(point)
+    return unique
+
+
+def _range_bounds(spec: tuple) -> list[Any]:
+    kind = spec[0]
+    if kind == "choice":
+        return list(spec[1])
+    if kind == "randint":
+        return [spec[1], spec[2] - 1]
+    return [spec[1], spec[2]]
+
+
+def sample_points(ranges: Mapping[str, tuple], count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` configurations drawn from the ranges with a seeded Generator (so the sweep is reproducible)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    points = []
+    for _ in range(max(0, count)):
+        point = {}
+        for key, spec in ranges.items():
+            kind = spec[0]
+            if kind == "uniform":
+                point[key] = float(rng.uniform(spec[1], spec[2]))
+            elif kind == "loguniform":
+                point[key] = float(math.exp(rng.uniform(math.log(spec[1]), math.log(spec[2]))))
+            elif kind == "randint":
+                point[key] = int(rng.integers(spec[1], spec[2]))
+            else:
+                point[key] = spec[1][int(rng.integers(len(spec[1])))]
+        points.append(point)
+    return points
+
+
+def hyperparams_dict(method: Method, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field of the resolved Hyperparams (what MLflow records as params)."""
+    return dataclasses.asdict(check_hyperparams(method, values))

@@ -1,0 +1,216 @@
+"""Datasets on disk: Parquet shards plus a manifest, the one layout that every task reads, real or synthetic.
+
+    <root>/<dataset>/manifest.json
+    <root>/<dataset>/<split>/part-00000.parquet, part-00001.parquet, ...
+
+One row per image:
+
+    id            string        stable sample id (the original file stem)
+    image         binary        PNG bytes: RGB, or L (8-bit grey) for single-channel sets
+    label         binary        PNG bytes of uint8 class ids (trainIds), 255 = ignore; null where the split has none
+    image_labels  list<int16>   class ids present at image level (weak labels); null where the set defines none
+    height, width int32         image size in pixels
+
+Shards are written under a temporary name and renamed when complete; the manifest is written last, so a dataset
+without `manifest.json` is incomplete by definition and never read. The manifest records counts, class pixel
+histograms, image sizes, pixel spacing (medical sets) and a content fingerprint (sha256 over the shards) that every
+MLflow run records as a tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+FORMAT_VERSION = 1
+IGNORE_INDEX = 255
+
+SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("label", pa.binary()),
+    pa.field("image_labels", pa.list_(pa.int16())),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+])
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class SplitInfo:
+    count: int
+    files: list[str]  # relative to the dataset directory
+    has_labels: bool
+    has_image_labels: bool
+    image_sizes: list[list[int]]  # distinct (height, width) pairs
+    class_pixels: list[int]  # pixels per class id over the split (ignore excluded)
+
+
+@dataclass
+class Manifest:
+    name: str
+    num_classes: int
+    class_names: list[str]
+    channels: int
+    label_map: str  # which mapping produced the class ids (e.g. "cityscapes-trainIds")
+    splits: dict[str, SplitInfo]
+    fingerprint: str = ""
+    pixel_spacing_mm: float | None = None
+    source: dict[str, Any] = field(default_factory=dict)  # how it was produced (converter, generator + seed)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        raw["splits"] = {name: SplitInfo(**info) for name, info in raw["splits"].items()}
+        return cls(**raw)
+
+
+def dataset_dir(root: str, dataset: str) -> str:
+    return os.path.join(root, dataset)
+
+
+def read_manifest(root: str, dataset: str) -> Manifest:
+    path = os.path.join(dataset_dir(root, dataset), "manifest.json")
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f"dataset {dataset!r} is not prepared under {root} (no {dataset}/manifest.json)")
+    with open(path) as handle:
+        return Manifest.from_json(handle.read())
+
+
+def split_files(root: str, dataset: str, split: str) -> list[str]:
+    manifest = read_manifest(root, dataset)
+    if split not in manifest.splits:
+        raise DatasetNotFoundError(f"dataset {dataset!r} has no split {split!r}; it has {', '.join(manifest.splits)}")
+    return [os.path.join(dataset_dir(root, dataset), f) for f in manifest.splits[split].files]
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) → PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def sample_row(sample_id: str, image: np.ndarray, label: np.ndarray | None,
+               image_labels: Iterable[int] | None) -> dict[str, Any]:
+    return {
+        "id": sample_id,
+        "image": encode_png(image),
+        "label": None if label is None else encode_png(label),
+        "image_labels": None if image_labels is None else [int(c) for c in image_labels],
+        "height": int(image.shape[0]),
+        "width": int(image.shape[1]),
+    }
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class SplitWriter:
+    """Writes one split as shards of `rows_per_file` rows in row groups of `rows_per_group` (streaming granularity)."""
+
+    def __init__(self, out_dir: str, split: str, num_classes: int, rows_per_group: int = 32, rows_per_file: int = 1024):
+        self.out_dir, self.split, self.num_classes = out_dir, split, num_classes
+        self.rows_per_group, self.rows_per_file = rows_per_group, rows_per_file
+        self.files: list[str] = []
+        self.count = 0
+        self.has_labels = self.has_image_labels = False
+        self.sizes: set[tuple[int, int]] = set()
+        self.class_pixels = np.zeros(num_classes, dtype=np.int64)
+        self._pending: list[dict[str, Any]] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_file = 0
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+
+    def add(self, row: Mapping[str, Any], label: np.ndarray | None = None) -> None:
+        """Append one row (from `sample_row`); pass the decoded label to count class pixels without re-decoding."""
+        self._pending.append(dict(row))
+        self.count += 1
+        self.sizes.add((row["height"], row["width"]))
+        self.has_labels |= row["label"] is not None
+        self.has_image_labels |= row["image_labels"] is not None
+        if label is not None:
+            valid = label[label != IGNORE_INDEX]
+            self.class_pixels += np.bincount(valid.ravel(), minlength=self.num_classes)[: self.num_classes]
+        if len(self._pending) >= self.rows_per_group:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._open_file()
+        self._writer.write_table(pa.Table.from_pylist(self._pending, schema=SCHEMA))
+        self._rows_in_file += len(self._pending)
+        self._pending = []
+        if self._rows_in_file >= self.rows_per_file:
+            self._close_file()
+
+    def _open_file(self) -> None:
+        name = f"part-{len(self.files):05d}.parquet"
+        self._current = os.path.join(self.out_dir, self.split, name)
+        self._writer = pq.ParquetWriter(self._current + ".tmp", SCHEMA, compression="none")
+        self._rows_in_file = 0
+
+    def _close_file(self) -> None:
+        assert self._writer is not None
+        self._writer.close()
+        os.replace(self._current + ".tmp", self._current)
+        self.files.append(os.path.relpath(self._current, self.out_dir))
+        self._writer = None
+
+    def close(self) -> SplitInfo:
+        self._flush_group()
+        if self._writer is not None:
+            self._close_file()
+        return SplitInfo(
+            count=self.count, files=self.files, has_labels=self.has_labels, has_image_labels=self.has_image_labels,
+            image_sizes=sorted([list(s) for s in self.sizes]), class_pixels=self.class_pixels.tolist(),
+        )
+
+
+def finalize(out_dir: str, manifest: Manifest) -> Manifest:
+    """Fingerprint the shards and write manifest.json last (atomically): from here on the dataset is complete."""
+    digest = hashlib.sha256()
+    for split in sorted(manifest.splits):
+        for relative in manifest.splits[split].files:
+            digest.update(relative.encode())
+            digest.update(_file_sha256(os.path.join(out_dir, relative)).encode())
+    manifest.fingerprint = "sha256:" + digest.hexdigest()
+    temporary = os.path.join(out_dir, "manifest.json.tmp")
+    with open(temporary, "w") as handle:
+        handle.write(manifest.to_json())
+    os.replace(temporary, os.path.join(out_dir, "manifest.json"))
+    return manifest
+
+
+def iter_rows(path: str, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """All rows of one shard (used by tests and small tools; training reads through platform.stream)."""
+    table = pq.read_table(path, columns=columns)
+    yield from table.to_pylist()

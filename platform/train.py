@@ -1,0 +1,6 @@
+"""`python -m platform.train METHOD [options]`: one configuration through the same Tune + Train + MLflow path."""
+
+from platform.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(single=True))

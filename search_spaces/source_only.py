@@ -1,0 +1,33 @@
+"""Search space of `source_only` (methods/source_only.py). Literal data only; platform/ turns it into Tune objects.
+
+No paper sweeps the source-only baseline: its grid below is a learning-rate bracket for the synthetic tasks, and its
+defaults on the paper tasks are the paper defaults of the Hyperparams dataclass (nothing overridden).
+"""
+
+# What `python -m platform.sweep source_only` runs when no --task is given.
+DEFAULT_TASK = "synthetic-urban"
+
+# Per-task overrides of the Hyperparams defaults. The synthetic tasks are tiny CPU problems: the small network, a
+# batch of 8 and a larger learning rate (measured on synthetic-urban: 1e-2 converges within 300 steps).
+TASK_DEFAULTS = {
+    "synthetic-urban": {"architecture": "tiny", "learning_rate": 1e-2, "batch_size": 8},
+    "synthetic-endoscopy": {"architecture": "tiny", "learning_rate": 1e-2, "batch_size": 8},
+    "synthetic-cxr": {"architecture": "tiny", "learning_rate": 1e-2, "batch_size": 8},
+}
+
+# Training budget (optimiser steps per trial) when --max-steps is not given.
+MAX_STEPS = {"synthetic-urban": 300, "synthetic-endoscopy": 300, "synthetic-cxr": 300}
+
+# Named grids: {field: [values]} is a product; a list of {field: value} dicts is an explicit list of points.
+# A grid may carry a "seed" axis; otherwise --seeds (default 0) is the seed axis.
+GRIDS = {
+    # Not from a paper: a half-decade bracket around the synthetic-task default, to check the baseline is not
+    # handicapped by its learning rate when adaptation methods are compared against it.
+    "lr": {"learning_rate": [3e-3, 1e-2, 3e-2]},
+}
+
+# Ranges for random search and TPE: (distribution, low, high) with distribution in uniform, loguniform, randint, or
+# ("choice", [values]).
+RANGES = {
+    "learning_rate": ("loguniform", 1e-3, 5e-2),
+}
