@@ -99,6 +99,7 @@ class Plan:
     tracking_uri: str
     experiment: str
     name: str
+    scheduler: str | None = None
 
 
 def make_plan(args: argparse.Namespace, single: bool) -> Plan:
@@ -127,7 +128,8 @@ def make_plan(args: argparse.Namespace, single: bool) -> Plan:
     return Plan(resolved=resolved, sweep=sweep, args=args,
                 data_root=os.path.abspath(os.path.expanduser(args.data_root or tasks.default_data_root())),
                 storage_path=storage, tracking_uri=args.tracking_uri or tracking.default_tracking_uri(),
-                experiment=args.experiment or f"{resolved.method.name}/{resolved.task.name}", name=name)
+                experiment=args.experiment or f"{resolved.method.name}/{resolved.task.name}", name=name,
+                scheduler=None if single else args.scheduler)
 
 
 def _latest_sweep(storage: str, prefix: str) -> str:
@@ -278,6 +280,9 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
     trainable = tune.with_resources(tune.with_parameters(tuning.run_trial, template=template),
                                     {"CPU": cluster.TRIAL_DRIVER_CPUS})
     experiment_path = os.path.join(plan.storage_path, plan.name)
+    # Ctrl-C must reach this driver as KeyboardInterrupt: Tune's own SIGINT handler ends fit() normally and returns
+    # results that look finished. Tune saves its experiment state periodically, so --resume still works.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     status, results = "FAILED", None
     try:
         if plan.args.resume and tune.Tuner.can_restore(experiment_path):
@@ -290,15 +295,14 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
                 tune_config=tune.TuneConfig(
                     metric=PRIMARY_METRIC, mode=tuning.MODE, num_samples=tuning.num_tune_samples(sweep),
                     search_alg=tuning.searcher(sweep, sweep.seeds[0]),
-                    scheduler=tuning.scheduler(plan.args.scheduler, resolved.max_steps, resolved.eval_every),
+                    scheduler=tuning.scheduler(plan.scheduler, resolved.max_steps, resolved.eval_every),
                     max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: trial.trial_id,
                     trial_name_creator=lambda trial: trial.trial_id),
                 run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage_path, verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
         results = tuner.fit()
-        finished = results.num_terminated + results.num_errors
-        status = "KILLED" if finished < len(results) else ("FINISHED" if results.num_terminated else "FAILED")
+        status = "FINISHED" if results.num_terminated else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
     finally:
@@ -344,7 +348,7 @@ def _sweep_params(plan: Plan) -> dict[str, Any]:
     return {"method": plan.resolved.method.name, "task": plan.resolved.task.name, "mode": sweep.mode,
             "grid": sweep.grid_name or "", "num_trials": sweep.num_trials, "seeds": ",".join(map(str, sweep.seeds)),
             "max_steps": plan.resolved.max_steps, "eval_every": plan.resolved.eval_every,
-            "workers": plan.args.workers, "scheduler": getattr(plan.args, "scheduler", None) or "",
+            "workers": plan.args.workers, "scheduler": plan.scheduler or "",
             "overrides": json.dumps(dict(plan.resolved.base), default=str)}
 
 

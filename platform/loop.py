@@ -154,6 +154,7 @@ class TrialRunner:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, float]:
+        self._started = time.perf_counter()
         optimizer_state = self._restore()
         while self.progress.stage_index < len(self.stages):
             self._run_stage(self.stages[self.progress.stage_index], optimizer_state)
@@ -274,6 +275,7 @@ class TrialRunner:
         started = time.perf_counter()
         metrics = self.evaluate(stage.name)
         metrics["time/eval_s"] = time.perf_counter() - started
+        metrics["time/elapsed_s"] = time.perf_counter() - self._started  # this process's loop, resumes excluded
         step = self.progress.global_step
         improved = metrics[PRIMARY_METRIC] > self.progress.best_metric
         if improved:

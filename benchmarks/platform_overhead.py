@@ -1,0 +1,132 @@
+"""Platform overhead: the same N steps of `source_only` through the platform and in a bare PyTorch loop.
+
+Side by side in one run, on the same machine, one thread each:
+- bare: the same network, optimiser, poly schedule, batch size and evaluations, over tensors decoded into memory
+  before the clock starts (the most favourable loop one can write);
+- platform: `python -m platform.train source_only` (1 Ray Train worker, MLflow on, checkpoints at every evaluation).
+
+Three ratios over the bare loop's time:
+- loop: the platform worker's own loop, first step to last report (streaming decode, reports, checkpoints, MLflow);
+- trial: the trial's MLflow run, start to end (adds Ray Train's worker start-up and shutdown);
+- command: the whole command (adds interpreter start, Ray start, MLflow setup, Tune).
+
+    python benchmarks/platform_overhead.py [--steps 400] [--eval-every 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from mlflow.tracking import MlflowClient
+
+import methods
+import search_spaces
+from methods.contract import Batch, StepContext
+from platform import tasks
+from platform.datasets import split_files
+from platform.loop import TrialSpec
+from platform.metrics import confusion_matrix, mean_iou
+from platform.stream import decode_sample, row_groups, _RowGroupReader
+from methods.shared.segmenter import upsample
+
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_split(data_root: str, dataset: str, split: str, num_classes: int) -> dict[str, torch.Tensor]:
+    reader = _RowGroupReader(["image", "label"])
+    samples = [decode_sample(row, num_classes, None, False)
+               for group in row_groups(split_files(data_root, dataset, split)) for row in reader.rows(group)]
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def bare_loop(steps: int, eval_every: int, data_root: str) -> tuple[float, float]:
+    """A plain PyTorch loop: returns (seconds, final target mIoU)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    method = methods.get("source_only")
+    task = tasks.get("synthetic-urban")
+    hp = methods.make_hyperparams(method, search_spaces.load("source_only").task_defaults[task.name])
+    source = load_split(data_root, task.source_train.dataset, "train", task.info.num_classes)
+    target = load_split(data_root, task.target_val.dataset, "val", task.info.num_classes)
+    modules = method.build(hp, task.info)
+    stage = method.stages(hp)[0]
+    optims = stage.optimizers(hp, modules, steps)
+    modules.train()
+    ctx = StepContext(hp=hp, info=task.info, modules=modules, optimizers={n: o.optimizer for n, o in optims.items()},
+                      state={}, stage=stage.name, stage_step=0, stage_steps=steps, target_epoch=0,
+                      generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(source["image"]), generator=generator)
+    miou = float("nan")
+    started = time.perf_counter()
+    for step in range(steps):
+        index = order[(step * hp.batch_size + torch.arange(hp.batch_size)) % len(order)]
+        flip = torch.rand(hp.batch_size, generator=generator) < 0.5
+        images, labels = source["image"][index], source["label"][index]
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        labels = torch.where(flip[:, None, None], labels.flip(-1), labels)
+        stage.step(ctx, Batch(source_image=images, source_label=labels, target_image=None))
+        optims["segmenter"].scheduler.step()
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            modules.eval()
+            matrix = torch.zeros(task.info.num_classes, task.info.num_classes, dtype=torch.int64)
+            with torch.no_grad():
+                for start in range(0, len(target["image"]), 16):
+                    logits = method.predict(hp, modules, target["image"][start:start + 16], stage.name)
+                    matrix += confusion_matrix(logits.argmax(1), target["label"][start:start + 16],
+                                               task.info.num_classes)
+            miou = mean_iou(matrix)
+            modules.train()
+    return time.perf_counter() - started, miou
+
+
+def platform_run(steps: int, eval_every: int, data_root: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="uda-overhead-") as scratch:
+        store = f"sqlite:///{scratch}/mlflow.db"
+        env = dict(os.environ, PYTHONPATH=REPOSITORY_ROOT, UDA_DATA_ROOT=data_root)
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "platform.train", "source_only", "--task", "synthetic-urban",
+                              "--max-steps", str(steps), "--eval-every", str(eval_every), "--tracking-uri", store,
+                              "--storage-path", f"{scratch}/results"], cwd=scratch, env=env, capture_output=True,
+                             text=True)
+        command = time.perf_counter() - started
+        if out.returncode != 0:
+            raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+        client = MlflowClient(store)
+        experiment = client.get_experiment_by_name("source_only/synthetic-urban")
+        child = next(r for r in client.search_runs([experiment.experiment_id])
+                     if "mlflow.parentRunId" in r.data.tags)
+        elapsed = client.get_metric_history(child.info.run_id, "time/elapsed_s")
+        return {"command": command, "trial": (child.info.end_time - child.info.start_time) / 1000,
+                "loop": max(m.value for m in elapsed), "miou": child.data.metrics["val_target/miou"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=100)
+    args = parser.parse_args(argv)
+    data_root = tasks.default_data_root()
+    tasks.prepare(tasks.get("synthetic-urban"), data_root)
+    bare, bare_miou = bare_loop(args.steps, args.eval_every, data_root)
+    measured = platform_run(args.steps, args.eval_every, data_root)
+    print(f"source_only on synthetic-urban, {args.steps} steps, evaluation every {args.eval_every} steps, 1 thread")
+    print(f"  bare PyTorch loop           {bare:7.1f} s   (final target mIoU {bare_miou:.1f})")
+    print(f"  platform: worker loop       {measured['loop']:7.1f} s   ratio {measured['loop'] / bare:.2f}")
+    print(f"  platform: trial (MLflow run){measured['trial']:7.1f} s   ratio {measured['trial'] / bare:.2f}")
+    print(f"  platform: whole command     {measured['command']:7.1f} s   ratio {measured['command'] / bare:.2f}"
+          f"   (final target mIoU {measured['miou']:.1f})")
+    fixed = measured["trial"] - measured["loop"]
+    print(f"  fixed cost per trial beyond the loop: {fixed:.1f} s; the trial ratio reaches 1.15 at about "
+          f"{fixed / (1.15 - measured['loop'] / bare) if measured['loop'] / bare < 1.15 else float('inf'):.0f} s "
+          f"of bare training")
+
+
+if __name__ == "__main__":
+    main()

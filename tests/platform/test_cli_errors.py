@@ -1,0 +1,71 @@
+"""Bad input: one clear line, exit code 2, nothing started (no Ray, no MLflow store, no results directory)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import ray
+
+from platform import cli
+from tests.conftest import REPOSITORY_ROOT, python
+
+CASES = [
+    (["nope"], "unknown method 'nope'; valid: source_only"),
+    (["source_only", "--task", "mars"], "unknown task 'mars' for source_only; valid: synthetic-urban"),
+    (["source_only", "--grid", "fig9"], "unknown grid 'fig9' for source_only; valid: lr"),
+    (["source_only", "--set", "lr=0.1"], "unknown hyperparameter 'lr' for source_only; valid: architecture"),
+    (["source_only", "--set", "learning_rate=-1"], "learning_rate must be > 0 (got -1.0)"),
+    (["source_only", "--set", "batch_size=0"], "batch_size must be >= 1 (got 0)"),
+    (["source_only", "--set", "learning_rate"], "malformed --set 'learning_rate': expected key=value"),
+    (["source_only", "--seeds", "0,x"], "malformed --seeds '0,x'"),
+    (["source_only", "--max-steps", "0"], "--max-steps must be >= 1"),
+    (["source_only", "--workers", "0"], "--workers must be >= 1"),
+    (["source_only", "--search", "grid"], "argument --search: invalid choice: 'grid'"),
+    (["source_only", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["source_only", "--grid", "lr", "--set", "learning_rate=0.1"], "--set learning_rate conflicts with the sweep"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CASES)
+def test_bad_input_is_one_line_exit_2_and_starts_nothing(argv, message, tmp_path, capsys, data_root):
+    store, storage = tmp_path / "mlflow.db", tmp_path / "results"
+    code = cli.main(argv + ["--tracking-uri", f"sqlite:///{store}", "--storage-path", str(storage),
+                            "--data-root", data_root])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not store.exists() and not storage.exists() and not ray.is_initialized()
+
+
+def test_missing_dataset_names_the_command_that_prepares_it(tmp_path, capsys):
+    empty = tmp_path / "data"
+    code = cli.main(["source_only", "--task", "gta5-cityscapes", "--data-root", str(empty),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "dataset 'gta5' for task gta5-cityscapes is not prepared" in err
+    assert f"python -m platform.data convert gta5 SRC_DIR {empty}/gta5" in err
+    assert not (tmp_path / "mlflow.db").exists() and not ray.is_initialized()
+
+
+def test_the_real_command_exits_2(subprocess_env, tmp_path):
+    out = subprocess.run([python(), "-m", "platform.sweep", "no_such_method"], cwd=tmp_path, env=subprocess_env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: unknown method 'no_such_method'; valid: source_only"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_command_rejects_sweep_options(subprocess_env, tmp_path):
+    out = subprocess.run([python(), "-m", "platform.train", "source_only", "--grid", "lr"], cwd=tmp_path,
+                         env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "unrecognized arguments: --grid lr" in out.stderr
+
+
+def test_help_shows_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "python -m platform.sweep source_only --task synthetic-urban --grid lr" in capsys.readouterr().out

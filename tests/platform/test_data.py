@@ -1,0 +1,123 @@
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from platform import synthetic, tasks
+from platform.datasets import SCHEMA, DatasetNotFoundError, decode_png, read_manifest, split_files
+from platform.stream import TrainStream, eval_batches, row_groups
+
+
+def test_synthetic_samples_are_deterministic_and_seed_dependent():
+    a = synthetic.generate("synthetic-urban-target", 3, "train", seed=0)
+    b = synthetic.generate("synthetic-urban-target", 3, "train", seed=0)
+    c = synthetic.generate("synthetic-urban-target", 3, "train", seed=1)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_synthetic_tasks_have_the_promised_content(data_root):
+    for task in (t for t in tasks.TASKS.values() if t.synthetic):
+        tasks.prepare(task, data_root)
+        source = read_manifest(data_root, task.source_train.dataset)
+        target = read_manifest(data_root, task.target_train.dataset)
+        assert source.num_classes == task.info.num_classes and source.channels == task.info.in_channels
+        # every class occurs in both domains, and the label distributions differ (label shift)
+        for manifest in (source, target):
+            assert all(count > 0 for count in manifest.splits["train"].class_pixels), manifest.name
+        p = np.array(source.splits["train"].class_pixels, float)
+        q = np.array(target.splits["train"].class_pixels, float)
+        assert np.abs(p / p.sum() - q / q.sum()).sum() > 0.02
+        assert source.fingerprint.startswith("sha256:") and source.fingerprint != target.fingerprint
+    assert len(tasks.TASKS["synthetic-urban"].info.class_names) >= 6
+
+
+def test_endoscopy_has_image_level_labels_and_lesion_free_images(data_root):
+    files = split_files(data_root, "synthetic-endoscopy-target", "train")
+    table = pq.read_table(files, columns=["image_labels", "label"])
+    labels = table.column("image_labels").to_pylist()
+    assert all(l is not None for l in labels)
+    assert 0.2 < sum(l == [0] for l in labels) / len(labels) < 0.5
+    for image_labels, png in zip(labels[:50], table.column("label").to_pylist()[:50]):
+        assert (1 in image_labels) == bool((decode_png(png) == 1).any())
+
+
+def test_shards_follow_the_schema_and_the_manifest(data_root):
+    manifest = read_manifest(data_root, "synthetic-cxr-source")
+    files = split_files(data_root, "synthetic-cxr-source", "train")
+    assert pq.read_schema(files[0]).equals(SCHEMA, check_metadata=False)
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == manifest.splits["train"].count
+    assert manifest.pixel_spacing_mm is not None and manifest.channels == 1
+    assert not any(name.endswith(".tmp") for name in os.listdir(os.path.dirname(files[0])))
+
+
+def test_missing_dataset_names_the_fix(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="python -m platform.data convert gta5 SRC_DIR"):
+        tasks.prepare(tasks.get("gta5-cityscapes"), str(tmp_path))
+
+
+def _ids(stream, batches):
+    it = iter(stream)
+    out = []
+    for _ in range(batches):
+        batch = next(it)
+        out.extend(batch["image"].flatten(1)[:, :64].sum(1).tolist())
+    return out
+
+
+def _stream(files, **kwargs):
+    defaults = dict(columns=["image", "label"], batch_size=4, num_classes=7, seed=0)
+    return TrainStream(files, **{**defaults, **kwargs})
+
+
+def test_ranks_read_disjoint_row_groups_each_epoch(data_root):
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    groups = row_groups(files)
+    per_epoch = len(groups) * groups[0].num_rows
+    streams = [_stream(files, rank=r, world_size=2) for r in range(2)]
+    for epoch in range(2):
+        orders = [{(g.path, g.index) for g, _, _ in s._epoch_order(epoch)} for s in streams]
+        assert orders[0].isdisjoint(orders[1])
+        assert len(orders[0] | orders[1]) == len(groups)
+    assert sum(len(s._epoch_order(0)) for s in streams) == per_epoch
+
+
+def test_order_is_reshuffled_per_epoch_and_reproducible(data_root):
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    stream = _stream(files)
+    first, second = stream._epoch_order(0), stream._epoch_order(1)
+    key = lambda order: [(g.index, row) for g, row, _ in order]
+    assert key(first) != key(second)
+    assert key(first) == key(_stream(files)._epoch_order(0))
+
+
+def test_resuming_at_a_sample_index_gives_the_same_batches(data_root):
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    straight = _ids(_stream(files, hflip=True), 6)
+    resumed = _ids(_stream(files, hflip=True, start_sample=3 * 4), 3)
+    assert resumed == straight[12:]
+
+
+def test_target_training_stream_carries_no_pixel_labels(data_root):
+    """The loop builds the target stream with these columns; labels cannot come through."""
+    from platform.loop import TrialRunner, TrialSpec, LocalSession
+
+    spec = TrialSpec(method="source_only", task="synthetic-endoscopy", hyperparams={"architecture": "tiny"}, seed=0,
+                     max_steps=1, eval_every=1, data_root=data_root)
+    runner = TrialRunner(spec, LocalSession())
+    stage = runner.stages[0]
+    adapted = type(stage)(**{**stage.__dict__, "uses_target": True})
+    _, target = runner._streams(adapted)
+    batch = next(target)
+    assert set(batch) == {"image", "image_labels"}
+    assert batch["image_labels"].shape == (1, 2)
+
+
+def test_eval_batches_cover_the_split_once_at_label_resolution(data_root):
+    files = split_files(data_root, "synthetic-urban-target", "val")
+    total = sum(b["image"].shape[0] for r in range(2)
+                for b in eval_batches(files, ["image", "label"], 16, 7, rank=r, world_size=2))
+    assert total == read_manifest(data_root, "synthetic-urban-target").splits["val"].count
+    batch = next(eval_batches(files, ["image", "label"], 16, 7, size=(32, 64)))
+    assert batch["image"].shape[-2:] == (32, 64) and batch["label"].shape[-2:] == (64, 128)

@@ -1,0 +1,172 @@
+"""End to end through a real local Ray cluster, Ray Tune + Train, Optuna and MLflow SQLite stores (no mocks).
+
+Each test runs the real command in a subprocess from a scratch directory, then inspects the MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import methods
+from platform import checkpoints
+from tests.conftest import REPOSITORY_ROOT, python
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(module: str, args: list[str], cwd, env, timeout: int = 600, code: str | None = None):
+    command = [python(), "-c", code] if code else [python(), "-m", module]
+    out = subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return out
+
+
+def store_args(tmp_path) -> list[str]:
+    return ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage-path", str(tmp_path / "results")]
+
+
+def runs_of(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("uda.sweep")]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_sweep_done_when_command(tmp_path, subprocess_env):
+    """The issue's acceptance command: one parent run, two FINISHED children with val_target/miou and both
+    checkpoints, loadable with torch.load(weights_only=True) into the method's modules."""
+    out = run_cli("platform.sweep", ["source_only", "--task", "synthetic-urban", "--num-samples", "2", "--max-steps",
+                                     "20", *store_args(tmp_path)], tmp_path, subprocess_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 trial(s) of 20 steps" in out.stdout and "expected duration" in out.stdout
+    assert "Best configuration: learning_rate=" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
+    client, parents, children = runs_of(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    fields = {f.name for f in __import__("dataclasses").fields(methods.get("source_only").hyperparams)}
+    for child in children:
+        assert fields <= set(child.data.params)
+        assert {"method", "task", "seed", "code_version"} <= set(child.data.tags)
+        assert any(k.startswith("dataset_fingerprint.") for k in child.data.tags)
+        history = client.get_metric_history(child.info.run_id, "val_target/miou")
+        assert [m.step for m in history] == [4, 8, 12, 16, 20]
+        assert "val_target/iou/road" in child.data.metrics and "train/loss_seg_source" in child.data.metrics
+        names = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")}
+        assert {"checkpoints/last.pt", "checkpoints/best_val_target_miou.pt"} <= names
+        local = client.download_artifacts(child.info.run_id, "checkpoints", str(tmp_path / child.info.run_id))
+        for kind in (checkpoints.LAST, checkpoints.BEST):
+            state = torch.load(os.path.join(local, f"{kind}.pt"), weights_only=True)
+            modules, meta = checkpoints.load_modules(os.path.join(local, f"{kind}.pt"))
+            assert set(state) == set(modules.state_dict())
+        best = json.load(open(os.path.join(local, "best_val_target_miou.json")))
+        assert best["val_target/miou"] == pytest.approx(child.data.metrics["val_target/best_miou"])
+    # the two configurations differ: the defaults first, then a sampled learning rate
+    assert len({c.data.params["learning_rate"] for c in children}) == 2
+    assert "sweep.json" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+
+def test_non_finite_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, subprocess_env):
+    code = textwrap.dedent("""
+        import sys
+        import search_spaces.source_only as space
+        space.GRIDS["divergence"] = {"learning_rate": [1e6, 1e-2]}  # 1e6 diverges within a few steps
+        from platform.cli import main
+        raise SystemExit(main(sys.argv[1:]))
+    """)
+    out = run_cli("", ["source_only", "--grid", "divergence", "--max-steps", "12", *store_args(tmp_path)],
+                  tmp_path, subprocess_env, code=code)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, parents, children = runs_of(tmp_path)
+    by_lr = {float(c.data.params["learning_rate"]): c for c in children}
+    assert by_lr[1e6].info.status == "FAILED"
+    assert "NonFiniteLossError: train/loss_seg_source became nan" in by_lr[1e6].data.tags["uda.failure_reason"]
+    assert by_lr[1e-2].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
+    assert "1 failed" in out.stdout and "became nan" in out.stdout
+
+
+def test_ctrl_c_leaves_no_run_running(tmp_path, subprocess_env):
+    process = subprocess.Popen([python(), "-m", "platform.sweep", "source_only", "--max-steps", "2000",
+                                "--eval-every", "5", *store_args(tmp_path)], cwd=tmp_path, env=subprocess_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if os.path.exists(tmp_path / "mlflow.db"):
+                _, _, children = runs_of(tmp_path)
+                if any("val_target/miou" in c.data.metrics for c in children):
+                    break
+            time.sleep(2)
+        else:
+            pytest.fail("no trial reported in time")
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output[-3000:]
+    _, parents, children = runs_of(tmp_path)
+    assert parents[0].info.status == "KILLED"
+    assert children and all(c.info.status in ("KILLED", "FINISHED", "FAILED") for c in children)
+    assert "Continue: python -m platform.sweep source_only" in output
+
+
+def test_train_command_runs_one_configuration(tmp_path, subprocess_env):
+    out = run_cli("platform.train", ["source_only", "--task", "synthetic-cxr", "--max-steps", "6", "--seed", "3",
+                                     "--set", "learning_rate=0.02", *store_args(tmp_path)], tmp_path, subprocess_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, parents, children = runs_of(tmp_path)
+    assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
+    assert children[0].data.params["learning_rate"] == "0.02" and children[0].data.tags["seed"] == "3"
+    assert children[0].data.tags["task"] == "synthetic-cxr"
+
+
+def test_tpe_search_with_asha(tmp_path, subprocess_env):
+    out = run_cli("platform.sweep", ["source_only", "--search", "tpe", "--num-samples", "3", "--scheduler", "asha",
+                                     "--max-steps", "16", "--eval-every", "4", *store_args(tmp_path)],
+                  tmp_path, subprocess_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, parents, children = runs_of(tmp_path)
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    rates = sorted(float(c.data.params["learning_rate"]) for c in children)
+    assert 0.01 in rates and len(set(rates)) == 3  # TPE evaluates the defaults first, then its own suggestions
+    assert parents[0].data.params["mode"] == "tpe"
+
+
+def test_ray_workers_import_platform_and_build_trainer_is_deterministic(tmp_path, subprocess_env, data_root):
+    script = textwrap.dedent(f"""
+        import json, ray
+        from platform import cluster
+        from platform.trainer import build_trainer
+        cluster.connect()
+
+        @ray.remote
+        def probe():
+            import platform, platform.metrics
+            return hasattr(platform, "__path__"), platform.metrics.__name__, platform.system()
+
+        results = [build_trainer("source_only", task="synthetic-urban", seed=1, max_steps=6, eval_every=3,
+                                 storage_path={str(tmp_path)!r}, name=f"det-{{i}}", data_root={data_root!r}).fit()
+                   for i in range(2)]
+        print("RESULT" + json.dumps({{"probe": ray.get(probe.remote()),
+                                      "metrics": [r.metrics for r in results]}}))
+    """)
+    out = subprocess.run([python(), "-c", script], cwd=tmp_path, env=subprocess_env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    payload = json.loads(out.stdout.split("RESULT", 1)[1].splitlines()[0])
+    assert payload["probe"][0] is True and payload["probe"][1] == "platform.metrics"
+    first, second = payload["metrics"]
+    assert first["step"] == 6
+    assert {k: v for k, v in first.items() if not k.startswith("time/")} == \
+           {k: v for k, v in second.items() if not k.startswith("time/")}
