@@ -26,9 +26,10 @@ from platform.config import Resolved, Sweep, UsageError
 from platform.datasets import DatasetNotFoundError
 from platform.loop import PRIMARY_METRIC
 
-# Measured on a 2-CPU machine (README, "Platform overhead"): fixed cost of one Tune+Train trial beyond its steps.
+# Measured on a 2-CPU machine (README, "Measured performance"): fixed cost of one Tune+Train trial beyond its loop,
+# and of starting Ray, MLflow and Tune once per command.
 TRIAL_OVERHEAD_S = 25.0
-RAY_START_S = 10.0
+RAY_START_S = 30.0
 
 SWEEP_EXAMPLES = """examples:
   python -m platform.sweep source_only                         # default sweep on the synthetic default task
@@ -142,9 +143,16 @@ def _latest_sweep(storage: str, prefix: str) -> str:
 # ---------------------------------------------------------------------------------------------- estimate
 
 
-def estimate_step_seconds(plan: Plan) -> float | None:
-    """Time three optimiser steps of the first stage in this process on a synthetic batch; None for GPU trials or
-    real datasets (where a CPU probe would be meaningless or slow)."""
+@dataclass(frozen=True)
+class Costs:
+    step_s: float  # one optimiser step of the first stage
+    eval_s: float  # one evaluation of the target validation split
+
+
+def probe_costs(plan: Plan) -> Costs | None:
+    """Time a few optimiser steps and one evaluation batch in this process on synthetic tensors of the task's size.
+
+    None for GPU trials or real datasets, where a CPU probe here would be meaningless or slow."""
     resolved = plan.resolved
     if plan.args.gpus_per_worker > 0 or not resolved.task.synthetic:
         return None
@@ -162,32 +170,42 @@ def estimate_step_seconds(plan: Plan) -> float | None:
         modules = resolved.method.build(hp, info)
         stage = resolved.method.stages(hp)[0]
         optims = stage.optimizers(hp, modules, 100)
-        state = resolved.method.init_state(hp, info)
-        height, width = read_manifest(plan.data_root, resolved.task.source_train.dataset).splits["train"].image_sizes[0]
+        manifest = read_manifest(plan.data_root, resolved.task.source_train.dataset)
+        height, width = manifest.splits["train"].image_sizes[0]
         generator = torch.Generator().manual_seed(0)
         images = torch.rand(hp.batch_size, info.in_channels, height, width, generator=generator)
-        batch = Batch(source_image=images, source_label=torch.randint(0, info.num_classes, (hp.batch_size, height, width),
-                                                                       generator=generator),
+        labels = torch.randint(0, info.num_classes, (hp.batch_size, height, width), generator=generator)
+        batch = Batch(source_image=images, source_label=labels,
                       target_image=images.clone() if stage.uses_target else None,
                       target_image_label=torch.ones(hp.batch_size, info.num_classes) if info.target_image_labels else None)
         for name, module in modules.items():
             module.train(name in stage.trains)
         ctx = StepContext(hp=hp, info=info, modules=modules, optimizers={n: o.optimizer for n, o in optims.items()},
-                          state=state, stage=stage.name, stage_step=0, stage_steps=100, target_epoch=0,
-                          generator=generator, device=torch.device("cpu"))
+                          state=resolved.method.init_state(hp, info), stage=stage.name, stage_step=0, stage_steps=100,
+                          target_epoch=0, generator=generator, device=torch.device("cpu"))
         timings = []
         for _ in range(3):
             started = time.perf_counter()
             stage.step(ctx, batch)
             timings.append(time.perf_counter() - started)
-        return sum(timings[1:]) / 2
+        modules.eval()
+        val_count = read_manifest(plan.data_root, resolved.task.target_val.dataset).splits["val"].count
+        eval_images = torch.rand(16, info.in_channels, height, width, generator=generator)
+        started = time.perf_counter()
+        resolved.method.predict(hp, modules, eval_images, stage.name)
+        eval_s = (time.perf_counter() - started) * math.ceil(val_count / 16) * 1.3  # + decoding and the matrix
+        return Costs(step_s=sum(timings[1:]) / 2, eval_s=eval_s)
     except Exception:  # an estimate must never stop a sweep; the trial will report the real error
         return None
     finally:
         torch.set_num_threads(threads)
 
 
-def describe(plan: Plan, step_seconds: float | None, concurrency: int) -> str:
+# Measured here: two 1-thread trials side by side on 2 cores each step about 1.6x slower than one alone.
+CONTENTION = 1.6
+
+
+def describe(plan: Plan, costs: Costs | None, concurrency: int) -> str:
     sweep, resolved = plan.sweep, plan.resolved
     if sweep.mode == "tpe":
         what = f"TPE over {', '.join(resolved.space.ranges)} ({sweep.num_samples} configurations, defaults first)"
@@ -202,11 +220,15 @@ def describe(plan: Plan, step_seconds: float | None, concurrency: int) -> str:
     lines = [f"{resolved.method.name} on {resolved.task.name}: {what} × seeds {list(sweep.seeds)} = "
              f"{sweep.num_trials} trial(s) of {resolved.max_steps} steps, evaluated every {resolved.eval_every} steps",
              f"  {plan.args.workers} worker(s) per trial, {concurrency} trial(s) at a time"]
-    if step_seconds is not None:
-        per_trial = TRIAL_OVERHEAD_S + resolved.max_steps * step_seconds * 1.15  # + evaluation
+    if costs is not None:
+        at_once = min(concurrency, sweep.num_trials)
+        busy = at_once * plan.args.workers * plan.args.cpus_per_worker >= (os.cpu_count() or 1)
+        slowdown = CONTENTION if at_once > 1 and busy else 1.0
+        evaluations = math.ceil(resolved.max_steps / resolved.eval_every)
+        per_trial = TRIAL_OVERHEAD_S + (resolved.max_steps * costs.step_s + evaluations * costs.eval_s) * slowdown
         total = RAY_START_S + math.ceil(sweep.num_trials / concurrency) * per_trial
-        lines.append(f"  expected duration: about {_minutes(total)} ({step_seconds:.2f} s/step measured here, "
-                     f"~{TRIAL_OVERHEAD_S:.0f} s fixed cost per trial)")
+        lines.append(f"  expected duration: about {_minutes(total)} ({costs.step_s:.2f} s/step and "
+                     f"{costs.eval_s:.1f} s/evaluation measured here, ~{TRIAL_OVERHEAD_S:.0f} s fixed cost per trial)")
     else:
         lines.append("  expected duration: not estimated here (GPU trials or real data; see benchmarks/)")
     lines.append(f"  sweep {plan.name}; results in {plan.storage_path}; tracking {plan.tracking_uri}")
@@ -236,7 +258,7 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
     except DatasetNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    step_seconds = estimate_step_seconds(plan)
+    costs = probe_costs(plan)
 
     cluster.connect(plan.args.address)
     available = cluster.resources()
@@ -248,7 +270,7 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
         return 2
     concurrency = cluster.max_concurrent_trials(available, plan.args.workers, plan.args.cpus_per_worker,
                                                 plan.args.gpus_per_worker)
-    print(describe(plan, step_seconds, concurrency), flush=True)
+    print(describe(plan, costs, concurrency), flush=True)
     return run_sweep(plan, fingerprints, concurrency)
 
 
