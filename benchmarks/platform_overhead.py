@@ -15,6 +15,8 @@ Three ratios over the bare loop's time:
 
 from __future__ import annotations
 
+import _bootstrap  # noqa: F401  (must come first: see _bootstrap.py)
+
 import argparse
 import os
 import subprocess
@@ -35,7 +37,7 @@ from platform.metrics import confusion_matrix, mean_iou
 from platform.stream import decode_sample, row_groups, _RowGroupReader
 from methods.shared.segmenter import upsample
 
-REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPOSITORY_ROOT = _bootstrap.ROOT
 
 
 def load_split(data_root: str, dataset: str, split: str, num_classes: int) -> dict[str, torch.Tensor]:

@@ -6,10 +6,13 @@ on the target validation split. A task has a real gap when source-only reaches a
 
     python benchmarks/synthetic_gap.py [--tasks synthetic-urban,...] [--seeds 0,1,2] [--steps 300]
 
-Runs in-process through the platform's training loop (no Ray: this measures the data, not the orchestration).
+Runs through the platform's training loop in-process, two runs at a time on two cores (no Ray: this measures the
+data, not the orchestration).
 """
 
 from __future__ import annotations
+
+import _bootstrap  # noqa: F401  (must come first: see _bootstrap.py)
 
 import argparse
 import dataclasses
@@ -17,9 +20,8 @@ import statistics
 import sys
 import time
 
+from common import mean_std, parallel, train_once
 from platform import tasks
-from platform.loop import LocalSession, TrialRunner, TrialSpec
-import search_spaces
 
 
 def oracle_task(task: tasks.Task) -> tasks.Task:
@@ -31,11 +33,9 @@ def oracle_task(task: tasks.Task) -> tasks.Task:
 
 
 def run(task_name: str, seed: int, steps: int, data_root: str) -> dict[str, float]:
-    space = search_spaces.load("source_only")
-    base = tasks.get(task_name.removesuffix("+oracle"))
-    spec = TrialSpec(method="source_only", task=task_name, hyperparams=dict(space.task_defaults[base.name]),
-                     seed=seed, max_steps=steps, eval_every=steps, data_root=data_root, threads=1)
-    return TrialRunner(spec, LocalSession()).run()
+    if task_name.endswith("+oracle"):
+        oracle_task(tasks.get(task_name.removesuffix("+oracle")))  # registered again in worker processes
+    return train_once("source_only", task_name, {}, seed, steps, data_root)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'task':22s} {'source-only mIoU':>18s} {'oracle mIoU':>14s} {'ratio':>7s}   (target val, {args.steps} steps, "
           f"seeds {args.seeds})")
     for name in args.tasks.split(","):
-        task = tasks.get(name)
-        oracle = oracle_task(task)
+        tasks.prepare(tasks.get(name), args.data_root)
         started = time.perf_counter()
-        source = [run(name, s, args.steps, args.data_root)["val_target/miou"] for s in seeds]
-        target = [run(oracle.name, s, args.steps, args.data_root)["val_target/miou"] for s in seeds]
+        results = parallel([(run, (task, s, args.steps, args.data_root)) for task in (name, f"{name}+oracle")
+                            for s in seeds])
+        source = [r["val_target/miou"] for r in results[:len(seeds)]]
+        target = [r["val_target/miou"] for r in results[len(seeds):]]
         ratio = statistics.mean(source) / statistics.mean(target)
-        spread = lambda v: f"{statistics.mean(v):5.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:4.1f}"
-        print(f"{name:22s} {spread(source):>18s} {spread(target):>14s} {ratio:7.2f}   "
+        print(f"{name:22s} {mean_std(source):>18s} {mean_std(target):>14s} {ratio:7.2f}   "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 

@@ -29,13 +29,20 @@ checkpoint it with `torch.save` and restore it with `torch.load(weights_only=Tru
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
 Hyperparams = Any  # each method's own frozen dataclass; typed per method module
+
+# A Hyperparams field annotated `WeightsFile` names a weights file on disk (e.g. torchvision ImageNet weights).
+# The platform checks before any trial starts that a non-empty value exists and fits the modules, and clears such
+# fields when it rebuilds modules from an adapted checkpoint (the checkpoint already holds every weight).
+WEIGHTS_FILE = "weights file"
+WeightsFile = Annotated[str, WEIGHTS_FILE]
 
 
 @dataclass(frozen=True)
@@ -165,3 +172,8 @@ def require(condition: bool, message: str) -> None:
     """Range check for `Hyperparams.__post_init__`: one clear line naming the field and the valid range."""
     if not condition:
         raise ValueError(message)
+
+
+def weights_file_fields(hyperparams_class: type) -> tuple[str, ...]:
+    hints = typing.get_type_hints(hyperparams_class, include_extras=True)
+    return tuple(name for name, hint in hints.items() if WEIGHTS_FILE in getattr(hint, "__metadata__", ()))

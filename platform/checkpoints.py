@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import methods
+from methods.contract import weights_file_fields
 from platform import tasks
 
 TRAINING_STATE = "training_state.pt"
@@ -54,7 +55,9 @@ def load_modules(weights_path: str) -> tuple[nn.ModuleDict, dict[str, Any]]:
     with open(os.path.splitext(weights_path)[0] + ".json") as handle:
         meta = json.load(handle)
     method = methods.get(meta["method"])
-    hp = methods.make_hyperparams(method, meta["hyperparams"])
+    # The checkpoint holds every weight: do not read the initialisation files the run started from.
+    cleared = {name: "" for name in weights_file_fields(method.hyperparams)}
+    hp = methods.make_hyperparams(method, {**meta["hyperparams"], **cleared})
     modules = method.build(hp, tasks.get(meta["task"]).info)
     modules.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return modules, meta

@@ -66,7 +66,8 @@ def build_parser(single: bool) -> argparse.ArgumentParser:
         parser.add_argument("--search", choices=("random", "tpe"),
                             help="sample --num-samples configurations from the search space's RANGES; random "
                                  "(default) or Optuna TPE; the first configuration is always the defaults")
-        parser.add_argument("--num-samples", type=int, help="configurations to sample (default 2)")
+        parser.add_argument("--num-samples", type=int, help="--search: configurations to sample (default 2); "
+                                                            "--grid: repeats of every point (default 1)")
         parser.add_argument("--scheduler", choices=("asha",), help="early stopping of weak trials")
         parser.add_argument("--seeds", default="0", help="comma-separated seeds, an axis of the sweep (default 0)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import methods
 import search_spaces
-from methods.contract import Method
+from methods.contract import Method, weights_file_fields
 from platform import tasks
 from platform.tasks import Task
 from search_spaces import SEED_AXIS, SearchSpace
@@ -61,6 +61,7 @@ def resolve(method_name: str, task_name: str | None = None, overrides: Mapping[s
     task = tasks.get(task_name)
     base = {**space.task_defaults.get(task.name, {}), **(overrides or {})}
     check_hyperparams(method, base)
+    check_weights_files(method, task, base)
     if max_steps is None:
         max_steps = space.max_steps.get(task.name)
         if max_steps is None:
@@ -83,6 +84,20 @@ def check_hyperparams(method: Method, values: Mapping[str, Any]) -> Any:
         if not message.startswith("unknown hyperparameter"):
             message = f"invalid hyperparameters for {method.name}: {message}"
         raise UsageError(message) from None
+
+
+def check_weights_files(method: Method, task: Task, values: Mapping[str, Any]) -> None:
+    """Every non-empty WeightsFile field must name an existing file that fits the modules (built once here)."""
+    given = {name: values[name] for name in weights_file_fields(method.hyperparams) if values.get(name)}
+    if not given:
+        return
+    for name, path in given.items():
+        if not os.path.isfile(path):
+            raise UsageError(f"{name}: no such file {path!r}; give the path of a weights file on this machine")
+    try:
+        method.build(check_hyperparams(method, values), task.info)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise UsageError(f"{', '.join(f'{k}={v}' for k, v in given.items())} cannot be loaded: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------- --set key=value
@@ -147,13 +162,15 @@ class Sweep:
     mode: Literal["grid", "random", "tpe"]
     points: tuple[Mapping[str, Any], ...]  # grid/random: every configuration; tpe: the points to evaluate first
     seeds: tuple[int, ...]
-    num_samples: int  # tpe: configurations to sample (each runs once per seed)
+    num_samples: int  # tpe: configurations to sample (each runs once per seed); grid: repeats of every point
     grid_name: str | None = None
 
     @property
     def num_trials(self) -> int:
-        configurations = len(self.points) if self.mode != "tpe" else self.num_samples
-        return configurations * len(self.seeds)
+        if self.mode == "tpe":
+            return self.num_samples * len(self.seeds)
+        repeats = self.num_samples if self.mode == "grid" else 1
+        return len(self.points) * len(self.seeds) * repeats
 
     @property
     def swept_keys(self) -> tuple[str, ...]:
@@ -176,8 +193,6 @@ def plan_sweep(resolved: Resolved, grid: str | None, search: str | None, num_sam
     space, method = resolved.space, resolved.method
     if grid and search:
         raise UsageError("--grid and --search are exclusive: a grid runs every point, a search samples --num-samples")
-    if grid and num_samples is not None:
-        raise UsageError("--num-samples applies to --search; a grid runs each point once per seed (use --seeds)")
     if num_samples is not None and num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1 (got {num_samples})")
     if grid:
@@ -189,7 +204,7 @@ def plan_sweep(resolved: Resolved, grid: str | None, search: str | None, num_sam
         points = _unique(raw_points)
         if seed_values:
             seeds = tuple(sorted(seed_values))
-        sweep = Sweep("grid", tuple(points), tuple(seeds), 1, grid_name=grid)
+        sweep = Sweep("grid", tuple(points), tuple(seeds), num_samples or 1, grid_name=grid)
     else:
         mode = search or "random"
         if mode not in ("random", "tpe"):
@@ -209,6 +224,8 @@ def plan_sweep(resolved: Resolved, grid: str | None, search: str | None, num_sam
         raise UsageError(f"--set {conflicts[0]} conflicts with the sweep, which varies {conflicts[0]}; drop one of them")
     for point in sweep.points:
         check_hyperparams(method, {**resolved.base, **point})
+        if set(point) & set(weights_file_fields(method.hyperparams)):
+            check_weights_files(method, resolved.task, {**resolved.base, **point})
     if sweep.mode == "tpe":
         for key, spec in space.ranges.items():
             for bound in _range_bounds(spec):

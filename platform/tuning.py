@@ -149,7 +149,10 @@ def scheduler(name: str | None, max_steps: int, eval_every: int) -> ASHASchedule
 
 
 def num_tune_samples(sweep: Sweep) -> int:
-    return sweep.num_samples * len(sweep.seeds) if sweep.mode == "tpe" else 1
+    """Tune's num_samples: TPE draws one trial per (configuration, seed); a grid is repeated num_samples times."""
+    if sweep.mode == "tpe":
+        return sweep.num_samples * len(sweep.seeds)
+    return sweep.num_samples if sweep.mode == "grid" else 1
 
 
 class SeedReplicas(Searcher):

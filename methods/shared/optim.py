@@ -22,3 +22,18 @@ def segmenter_sgd(segmenter: Segmenter, learning_rate: float, momentum: float, w
         ],
         lr=learning_rate, momentum=momentum, weight_decay=weight_decay,
     )
+
+
+def exponential_decay(optimizer: torch.optim.Optimizer, gamma: float, every: int) -> torch.optim.lr_scheduler.StepLR:
+    """lr_t = lr_0 · gamma^floor(t / every) (SLRT Sec. 3.4: decay 0.7 every 950 steps)."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=gamma)
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, constant_steps: int, decay_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr constant for `constant_steps`, then linearly to 0 over `decay_steps` (CycleGAN; TD/TF Sec. 4: 10 epochs
+    constant, 5 epochs of decay)."""
+    def factor(step: int) -> float:
+        if step < constant_steps:
+            return 1.0
+        return max(0.0, 1.0 - (step - constant_steps) / max(1, decay_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

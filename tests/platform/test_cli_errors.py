@@ -8,14 +8,16 @@ import subprocess
 import pytest
 import ray
 
+import methods
+
 from platform import cli
 from tests.conftest import REPOSITORY_ROOT, python
 
 CASES = [
-    (["nope"], "unknown method 'nope'; valid: source_only"),
+    (["nope"], f"unknown method 'nope'; valid: {', '.join(sorted(methods.REGISTRY))}\n"),
     (["source_only", "--task", "mars"], "unknown task 'mars' for source_only; valid: synthetic-urban"),
     (["source_only", "--grid", "fig9"], "unknown grid 'fig9' for source_only; valid: lr"),
-    (["source_only", "--set", "lr=0.1"], "unknown hyperparameter 'lr' for source_only; valid: architecture"),
+    (["source_only", "--set", "lr=0.1"], "unknown hyperparameter 'lr' for source_only; valid: architecture, backbone_weights"),
     (["source_only", "--set", "learning_rate=-1"], "learning_rate must be > 0 (got -1.0)"),
     (["source_only", "--set", "batch_size=0"], "batch_size must be >= 1 (got 0)"),
     (["source_only", "--set", "learning_rate"], "malformed --set 'learning_rate': expected key=value"),
@@ -54,7 +56,8 @@ def test_the_real_command_exits_2(subprocess_env, tmp_path):
     out = subprocess.run([python(), "-m", "platform.sweep", "no_such_method"], cwd=tmp_path, env=subprocess_env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: unknown method 'no_such_method'; valid: source_only"]
+    valid = ", ".join(sorted(methods.REGISTRY))
+    assert out.stderr.strip().splitlines() == [f"error: unknown method 'no_such_method'; valid: {valid}"]
     assert os.listdir(tmp_path) == []
 
 
@@ -69,3 +72,18 @@ def test_help_shows_examples(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     assert "python -m platform.sweep source_only --task synthetic-urban --grid lr" in capsys.readouterr().out
+
+
+def test_weights_files_are_checked_before_anything_starts(tmp_path, capsys, data_root):
+    common = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "r"),
+              "--data-root", data_root, "--set", "architecture=deeplabv2_resnet101"]
+    code = cli.main(["source_only", "--set", f"backbone_weights={tmp_path / 'nope.pth'}", *common])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"backbone_weights: no such file '{tmp_path / 'nope.pth'}'" in err
+    import torch
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "vgg_like.pth")
+    code = cli.main(["source_only", "--set", f"backbone_weights={tmp_path / 'vgg_like.pth'}", *common])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot be loaded" in err and "missing keys: conv1.weight" in err and "unexpected keys: features.0.weight" in err
+    assert not (tmp_path / "mlflow.db").exists() and not ray.is_initialized()

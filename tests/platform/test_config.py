@@ -18,7 +18,7 @@ def test_overrides_are_typed_by_the_hyperparams_fields():
 @pytest.mark.parametrize("assignment, message", [
     ("learning_rate", "malformed --set 'learning_rate': expected key=value"),
     ("=3", "malformed --set '=3'"),
-    ("lr=0.1", "unknown hyperparameter 'lr' for source_only; valid: architecture, learning_rate"),
+    ("lr=0.1", "unknown hyperparameter 'lr' for source_only; valid: architecture, backbone_weights, freeze_batchnorm, learning_rate"),
     ("batch_size=four", "invalid value for batch_size: 'four' is not a int"),
     ("learning_rate=nan", "invalid value for learning_rate"),
 ])
@@ -33,7 +33,7 @@ def test_out_of_range_value_is_rejected_with_the_valid_range():
 
 
 def test_unknown_method_and_task_list_valid_choices():
-    with pytest.raises(UsageError, match="unknown method 'nope'; valid: source_only"):
+    with pytest.raises(UsageError, match=f"unknown method 'nope'; valid: {', '.join(sorted(methods.REGISTRY))}$"):
         config.resolve("nope")
     with pytest.raises(UsageError, match="unknown task 'mars' for source_only; valid: synthetic-urban"):
         config.resolve("source_only", "mars")
@@ -77,8 +77,7 @@ def test_sweep_option_combinations():
     resolved = config.resolve("source_only")
     with pytest.raises(UsageError, match="--grid and --search are exclusive"):
         config.plan_sweep(resolved, "lr", "tpe", None, (0,), [])
-    with pytest.raises(UsageError, match="--num-samples applies to --search"):
-        config.plan_sweep(resolved, "lr", None, 2, (0,), [])
+    assert config.plan_sweep(resolved, "lr", None, 2, (0, 1), []).num_trials == 3 * 2 * 2  # grid repeats
     with pytest.raises(UsageError, match="--num-samples must be >= 1"):
         config.plan_sweep(resolved, None, "tpe", 0, (0,), [])
     tpe = config.plan_sweep(resolved, None, "tpe", 4, (0, 1), [])

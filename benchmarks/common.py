@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmarks: one in-process training run, several in parallel processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Mapping, Sequence
+
+import search_spaces
+from platform import tasks
+from platform.loop import LocalSession, TrialRunner, TrialSpec
+
+
+def train_once(method: str, task: str, overrides: Mapping[str, Any], seed: int, steps: int,
+               data_root: str | None = None, defaults_from: str | None = None) -> dict[str, float]:
+    """Train with the platform's loop in this process (no Ray: these benchmarks measure methods, not orchestration)
+    and return the final evaluation. Hyperparameters: the search space's task defaults, then `overrides`."""
+    base = tasks.get(task.split("+")[0]).name
+    defaults = search_spaces.load(defaults_from or method).task_defaults.get(base, {})
+    spec = TrialSpec(method=method, task=task, hyperparams={**defaults, **overrides}, seed=seed, max_steps=steps,
+                     eval_every=steps, data_root=data_root or tasks.default_data_root(), threads=1)
+    return TrialRunner(spec, LocalSession()).run()
+
+
+def _call(job: tuple) -> dict[str, float]:
+    function, args = job
+    return function(*args)
+
+
+def parallel(jobs: Sequence[tuple], processes: int = 2) -> list[dict[str, float]]:
+    """Run (function, args) jobs in `processes` worker processes (one thread each), in order."""
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_call, jobs))
+
+
+def mean_std(values: Sequence[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):5.1f} ± {spread:4.1f}"

@@ -1,0 +1,59 @@
+"""Target mIoU of a method vs `source_only` on a synthetic task, over seeds, plus the method's ablation grid.
+
+    python benchmarks/method_gain.py METHOD [--task synthetic-urban] [--seeds 0,1,2] [--steps 300] [--grid NAME]
+
+Both run with their search spaces' task defaults (same network, batch and learning rate), the same step budget and
+seeds, through the platform's training loop in-process (two runs at a time on two cores). Reported: the final
+evaluation's target-validation mIoU (not the best one, which would select with target labels), mean ± std.
+"""
+
+from __future__ import annotations
+
+import _bootstrap  # noqa: F401  (must come first: see _bootstrap.py)
+
+import argparse
+import statistics
+import time
+
+import search_spaces
+from common import mean_std, parallel, train_once
+from platform import tasks
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("method")
+    parser.add_argument("--task", default=None, help="default: the method's default task")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=None, help="default: the search space's budget for the task")
+    parser.add_argument("--grid", default=None, help="also run every point of this grid (e.g. the ablation rows)")
+    args = parser.parse_args(argv)
+    space = search_spaces.load(args.method)
+    task = args.task or space.default_task
+    steps = args.steps or space.max_steps[task]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    data_root = tasks.default_data_root()
+    tasks.prepare(tasks.get(task), data_root)
+    rows = [("source_only", "source_only", {})]
+    if args.grid:
+        rows += [(args.method, " ".join(f"{k}={v}" for k, v in point.items()), point)
+                 for point in space.grid_points(args.grid)]
+    else:
+        rows.append((args.method, f"{args.method} (defaults)", {}))
+    started = time.perf_counter()
+    jobs = [(train_once, (method, task, overrides, seed, steps, data_root)) for method, _, overrides in rows
+            for seed in seeds]
+    results = parallel(jobs)
+    print(f"{task}, {steps} steps, seeds {args.seeds}: final target-validation mIoU (mean ± std)")
+    baseline = None
+    for index, (_, label, _) in enumerate(rows):
+        values = [r["val_target/miou"] for r in results[index * len(seeds):(index + 1) * len(seeds)]]
+        baseline = baseline if baseline is not None else statistics.mean(values)
+        delta = statistics.mean(values) - baseline
+        print(f"  {label:48s} {mean_std(values)}   {delta:+5.1f} vs source_only   "
+              f"[{', '.join(f'{v:.1f}' for v in values)}]")
+    print(f"({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
