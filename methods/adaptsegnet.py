@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from methods.contract import Batch, Method, Optim, Stage, StepContext, TaskInfo, require
 from methods.shared.discriminators import output_space_discriminator
-from methods.shared.losses import segmentation_loss
+from methods.shared.losses import domain_bce, segmentation_loss
 from methods.shared.optim import poly_schedule
 from methods.shared.recipes import SegmenterRecipe, recipe_optim, recipe_segmenter
 from methods.shared.segmenter import imagenet_normalise, upsample
@@ -49,11 +49,6 @@ class Hyperparams(SegmenterRecipe):
 
 
 SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # the reference implementation's domain labels
-
-
-def domain_bce(logits: Tensor, label: float) -> Tensor:
-    """Binary cross-entropy of D's logits (B, 1, h, w) against one domain label, mean over patches."""
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
 
 
 def adversarial_loss(d_target: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from methods.shared.segmenter import upsample
@@ -18,3 +19,9 @@ def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -
     if not (labels != ignore_index).any():
         return logits.sum() * 0.0
     return nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+
+def domain_bce(logits: Tensor, label: float) -> Tensor:
+    """Binary cross-entropy of a domain discriminator's logits (B, 1, h, w) against one domain label (0 or 1), mean
+    over all outputs."""
+    return nn.functional.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))

@@ -1,0 +1,557 @@
+"""CSCL: Critical Semantic-Consistent Learning for unsupervised domain adaptation (Dong et al., ECCV 2020).
+
+Implements ../shared/papers/002_c46badf92f1b9b44.txt. No public implementation exists; this one follows the text:
+
+- E and C: DeepLab-v2 on ResNet-101 or FCN-8s on VGG-16 (Sec. 3.5), or the small CPU network.
+- D (Eq. 1): five convolutions {64, 128, 256, 512, 1}, LeakyReLU 0.2, on E's features.
+- T_Q (Eq. 2): one convolution to 1 channel on D's output; P = 1 − U(σ(T_Q(D(F)))), U the binary entropy.
+- T_C (Eq. 3, 6): a state branch of three convolutions {64, 32, 16} on F and a policy branch of two convolutions of 16
+  on P, concatenated, one convolution to the critic value V_cri; L_cri = −V_cri, L_reg = (V_cri − R)².
+- Rewards (Eq. 4, 5): R^s = 1 where C's prediction equals the label's argmax; R^a = 1 where C's probability of the
+  labelled class is higher with P than without it (C^b); R = R^s + R^a. Labels: source ground truth, or the target
+  soft pseudo labels (pixels whose pseudo label is the zero vector have no label and no reward).
+- Class thresholds δ_k (Alg. 1) from a pass over the whole target training set every epoch, with S_A = 35% + 5% per
+  epoch, at most 50%.
+- Soft pseudo labels (Eq. 9, 10): ŷ_k ∝ (C_k/δ_k)^{1/γ}, kept where its selection cost S_C (Eq. 8) is lower than the
+  zero label's. Closed form: S_C(ŷ) = −γ log Σ_k (C_k/δ_k)^{1/γ} and S_C(0) = 0, so ŷ is kept iff
+  Σ_k (C_k/δ_k)^{1/γ} > 1 (`soft_pseudo_labels`; `selection_cost` computes Eq. 8 directly, the tests compare them).
+- L_seg (Eq. 7): cross-entropy on source plus the target term −ŷ_k log(C_k/δ_k) + γ ŷ_k log ŷ_k.
+- L_div (Eq. 11-13): symmetric KL between the source centroid F_s^k (pixels labelled k) and the target soft centroid
+  F_t^k (pixels whose pseudo label's argmax is k, weighted by ŷ_k), averaged over classes.
+- One iteration follows Alg. 2: line 4 E, C ← source term of L_seg; line 5 pseudo labels (Eq. 10); line 6 E, D ←
+  ξ2 L_adv + ξ3 L_div; line 7 T_Q ← L_seg + ξ1 L_cri; line 8 T_C ← L_reg (Eq. 14 is their sum).
+- Optimisation (Sec. 3.5): ResNet-101: SGD 2.5e-4, poly 0.9; VGG-16: Adam 1e-4, betas (0.9, 0.99); D: Adam 1.5e-4
+  (ResNet) or 1.5e-6 (VGG); batch size 1; ξ1 = 0.3, ξ2 = 0.001, ξ3 = 10, γ = 0.25.
+- Ablations of Table 1: `critical_transfer=False` (w/oTC: no T_Q, T_C, L_cri, L_reg; C sees F), `confidence_guided=
+  False` (w/oCG: the pseudo label of every pixel is the one-hot argmax of C, no thresholds, no soft labels, no
+  selection), `symmetric_divergence=False` (w/oSD: no L_div).
+
+Choices the paper leaves open (each a hyperparameter where two readings are plausible, so a sweep can compare them):
+
+1. How P modulates the features C sees: `modulation="residual"` (default) uses F ⊙ (1 + P), so that a pixel with
+   P = 0 keeps its features, the reading of attention maps in the transferable-attention work CSCL's quantizer
+   resembles; "multiply" uses F ⊙ P. P is computed at D's output resolution and resized bilinearly to F's. C sees
+   modulated features in training and at test time (the paper's prediction path is E → T_Q → C).
+2. How feature centroids become the probability vectors a KL divergence needs: `centroid_distribution="l1"`
+   (default) normalises the non-negative centroid to sum 1 (every encoder here ends with a ReLU), "softmax" takes a
+   softmax over channels.
+3. Centroids per batch or over the dataset (Eq. 12, 13 are dataset expectations): `centroids="ema"` (default) keeps an
+   exponential moving average per class with `centroid_momentum` and lets gradients flow through the current batch's
+   share; "batch" uses the batch's centroids only. Classes without a centroid on both sides are left out of the mean.
+4. Who learns from the target term of L_seg. Eq. 7 and Eq. 14 minimise it over E and C; Alg. 2 line 4 updates E and
+   C with the source term only and line 7 updates T_Q with the whole L_seg. `pseudo_label_training="eq7"` (default)
+   also updates E and C with the target term, as the last update of the iteration; "alg2" follows Alg. 2 literally.
+5. Not printed: D's stride (conventions.md lists CSCL's D among 4x4 stride-2 discriminators: `discriminator_stride`
+   = 2; the small network's 16x32 features cannot pass five stride-2 layers, its task defaults use 1); T_Q's and
+   T_C's kernels (3x3, ReLU between layers); T_Q's and T_C's optimiser (Adam 1e-4, betas (0.9, 0.99), like D's
+   family); learning-rate schedules of D, T_Q and T_C (the segmenter's poly policy); D's loss is not scaled by ξ2
+   (Adam is invariant to the scale, and the min-max of Eq. 1 has the same solution); Eq. 1's printed signs read as
+   the standard GAN game (D: source 1, target 0; E: target → source); P is detached in line 4 (it is an attention
+   map there, not something the source loss should train through D).
+6. Thresholds are computed from C's outputs at the classifier's resolution (not the label's): one value per output
+   pixel of every target image, which keeps the pass's memory to tens of MB on Cityscapes. A class that no pixel is
+   predicted as gets δ_k = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from methods.contract import Batch, Method, Optim, Stage, StepContext, TargetPass, TaskInfo, require
+from methods.shared.discriminators import ConvDiscriminator
+from methods.shared.losses import domain_bce, segmentation_loss
+from methods.shared.optim import poly_schedule
+from methods.shared.recipes import SegmenterRecipe, recipe_optim, recipe_segmenter
+from methods.shared.segmenter import Features, Segmenter, imagenet_normalise, upsample
+
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Hyperparams(SegmenterRecipe):
+    xi1: float = 0.3  # weight of L_cri, Eq. 14 (Sec. 3.5)
+    xi2: float = 0.001  # weight of L_adv, Eq. 14 (Sec. 3.5)
+    xi3: float = 10.0  # weight of L_div, Eq. 14 (Sec. 3.5)
+    gamma: float = 0.25  # γ of the soft pseudo labels, Eq. 7-10 (Sec. 3.5)
+    selection_start: float = 0.35  # S_A at the first epoch, Alg. 1 (Sec. 3.3)
+    selection_step: float = 0.05  # S_A grows by 5% per epoch (Sec. 3.3)
+    selection_max: float = 0.5  # S_A stops at 50% (Sec. 3.3)
+    segmenter_optimizer: Literal["sgd", "adam"] = "sgd"  # SGD for ResNet-101, Adam for VGG-16 (Sec. 3.5)
+    segmenter_beta1: float = 0.9  # Adam of the VGG-16 setting: "momentum 0.9 and 0.99" (Sec. 3.5)
+    segmenter_beta2: float = 0.99
+    discriminator_learning_rate: float = 1.5e-4  # Adam; 1.5e-4 with ResNet-101, 1.5e-6 with VGG-16 (Sec. 3.5)
+    discriminator_stride: int = 2  # not printed; 4x4 stride 2 per conventions.md (docstring, choice 5)
+    agent_learning_rate: float = 1e-4  # T_Q and T_C, Adam: not printed (docstring, choice 5)
+    modulation: Literal["residual", "multiply"] = "residual"  # docstring, choice 1
+    centroid_distribution: Literal["l1", "softmax"] = "l1"  # docstring, choice 2
+    centroids: Literal["ema", "batch"] = "ema"  # docstring, choice 3
+    centroid_momentum: float = 0.9  # docstring, choice 3
+    pseudo_label_training: Literal["eq7", "alg2"] = "eq7"  # docstring, choice 4
+    critical_transfer: bool = True  # False: Table 1 "Ours-w/oTC"
+    confidence_guided: bool = True  # False: Table 1 "Ours-w/oCG"
+    symmetric_divergence: bool = True  # False: Table 1 "Ours-w/oSD"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("xi1", "xi2", "xi3"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
+        require(self.gamma > 0, f"gamma must be > 0 (got {self.gamma})")
+        require(0 < self.selection_start <= 1, f"selection_start must be in (0, 1] (got {self.selection_start})")
+        require(0 <= self.selection_step <= 1, f"selection_step must be in [0, 1] (got {self.selection_step})")
+        require(self.selection_start <= self.selection_max <= 1,
+                f"selection_max must be in [selection_start, 1] (got {self.selection_max})")
+        for name in ("segmenter_beta1", "segmenter_beta2"):
+            require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1) (got {getattr(self, name)})")
+        for name in ("discriminator_learning_rate", "agent_learning_rate"):
+            require(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
+        require(self.discriminator_stride in (1, 2), f"discriminator_stride must be 1 or 2 (got {self.discriminator_stride})")
+        require(0 <= self.centroid_momentum < 1, f"centroid_momentum must be in [0, 1) (got {self.centroid_momentum})")
+        for name, valid in (("segmenter_optimizer", ("sgd", "adam")), ("modulation", ("residual", "multiply")),
+                            ("centroid_distribution", ("l1", "softmax")), ("centroids", ("ema", "batch")),
+                            ("pseudo_label_training", ("eq7", "alg2"))):
+            require(getattr(self, name) in valid, f"{name} must be one of {', '.join(valid)} (got {getattr(self, name)!r})")
+
+
+# ---------------------------------------------------------------------------------------------------- modules
+
+
+def _conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
+class TransferabilityQuantizer(nn.Module):
+    """T_Q: one convolution to 1 channel on D's output (B, 1, h, w) → logits of σ(·), whose entropy gives P."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _conv(1, 1)
+
+    def forward(self, d_output: Tensor) -> Tensor:
+        return self.conv(d_output)
+
+
+class TransferabilityCritic(nn.Module):
+    """T_C: state branch {64, 32, 16} on F, policy branch {16, 16} on P, concatenated, one convolution → V_cri."""
+
+    def __init__(self, feature_channels: int):
+        super().__init__()
+        self.state = nn.Sequential(_conv(feature_channels, 64), nn.ReLU(True), _conv(64, 32), nn.ReLU(True),
+                                   _conv(32, 16), nn.ReLU(True))
+        self.policy = nn.Sequential(_conv(1, 16), nn.ReLU(True), _conv(16, 16), nn.ReLU(True))
+        self.value = _conv(32, 1)
+
+    def forward(self, features: Tensor, transferability: Tensor) -> Tensor:
+        """features (B, F, h, w), transferability P (B, 1, h, w) → V_cri (B, 1, h, w)."""
+        return self.value(torch.cat([self.state(features), self.policy(transferability)], dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------- pure rules
+
+
+def transferability(quantizer_logits: Tensor) -> Tensor:
+    """Eq. 2: P = 1 − U(f), f = σ(T_Q(D(F))) over the two outcomes {source, target}, U the entropy in bits, so that
+    P ∈ [0, 1] (P = 0 where T_Q is undecided, 1 where it is certain)."""
+    f = torch.sigmoid(quantizer_logits)
+    entropy = -(f * torch.log2(f.clamp_min(EPS)) + (1 - f) * torch.log2((1 - f).clamp_min(EPS)))
+    return 1 - entropy
+
+
+def modulate(features: Tensor, transferability_map: Tensor | None, mode: str) -> Tensor:
+    """The features C sees: F ⊙ (1 + P) ("residual") or F ⊙ P ("multiply"); F itself without P (w/oTC, C^b)."""
+    if transferability_map is None:
+        return features
+    return features * (1 + transferability_map) if mode == "residual" else features * transferability_map
+
+
+def selection_amount(epoch: int, start: float, step: float, maximum: float) -> float:
+    """S_A of Alg. 1 at a given target epoch: start + step · epoch, at most `maximum`."""
+    return min(start + step * epoch, maximum)
+
+
+def class_thresholds(confidence: Tensor, prediction: Tensor, num_classes: int, portion: float) -> Tensor:
+    """Alg. 1. confidence (N,) = max_k C_k and prediction (N,) = argmax_k C_k over all target pixels.
+    δ_k = S_k[⌊portion · |S_k|⌋], S_k the confidences of pixels predicted as k sorted in descending order;
+    δ_k = 1 for a class that no pixel is predicted as. Returns (K,)."""
+    thresholds = torch.ones(num_classes, dtype=torch.float32)
+    for k in range(num_classes):
+        ranked = confidence[prediction == k].float().sort(descending=True).values
+        if ranked.numel():
+            thresholds[k] = ranked[min(int(portion * ranked.numel()), ranked.numel() - 1)]
+    return thresholds
+
+
+def soft_pseudo_labels(probabilities: Tensor, thresholds: Tensor, gamma: float) -> Tensor:
+    """Eq. 9-10. probabilities C (B, K, H, W), thresholds δ (K,) → ŷ (B, K, H, W), per pixel either
+    (C_k/δ_k)^{1/γ} / Σ_j (C_j/δ_j)^{1/γ} or the zero vector, whichever has the lower selection cost (Eq. 8):
+    the soft label's cost is −γ log Σ_j (C_j/δ_j)^{1/γ} and the zero label's is 0."""
+    log_ratio = torch.log(probabilities.clamp_min(EPS)) - torch.log(thresholds.view(1, -1, 1, 1).to(probabilities))
+    log_powers = log_ratio / gamma
+    log_total = torch.logsumexp(log_powers, dim=1, keepdim=True)
+    return torch.exp(log_powers - log_total) * (log_total > 0)
+
+
+def hard_pseudo_labels(probabilities: Tensor) -> Tensor:
+    """The w/oCG ablation: every pixel gets the one-hot label of C's argmax."""
+    return F.one_hot(probabilities.argmax(1), probabilities.shape[1]).permute(0, 3, 1, 2).to(probabilities)
+
+
+def selection_cost(labels: Tensor, probabilities: Tensor, thresholds: Tensor, gamma: float) -> Tensor:
+    """Eq. 8's S_C and, with C carrying gradients, Eq. 7's target term per pixel:
+    Σ_k −ŷ_k log(C_k/δ_k) + γ ŷ_k log ŷ_k (0 log 0 = 0). labels, probabilities (B, K, H, W) → (B, H, W)."""
+    log_ratio = torch.log(probabilities.clamp_min(EPS)) - torch.log(thresholds.view(1, -1, 1, 1).to(probabilities))
+    entropy_term = torch.where(labels > 0, labels * torch.log(labels.clamp_min(EPS)), torch.zeros_like(labels))
+    return (-labels * log_ratio + gamma * entropy_term).sum(1)
+
+
+def target_segmentation_loss(labels: Tensor, probabilities: Tensor, thresholds: Tensor, gamma: float) -> Tensor:
+    """Eq. 7's target term, mean over the pixels whose pseudo label is not the zero vector (0 if there are none)."""
+    selected = labels.sum(1) > 0
+    if not selected.any():
+        return probabilities.sum() * 0.0
+    return selection_cost(labels, probabilities, thresholds, gamma)[selected].mean()
+
+
+def class_centroid_sums(features: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """features (B, F, h, w), per-pixel class weights (B, K, h, w) → (Σ w_k F (K, F), Σ w_k (K,))."""
+    sums = torch.einsum("bkhw,bfhw->kf", weights, features)
+    return sums, weights.sum((0, 2, 3))
+
+
+def source_class_weights(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Eq. 12's indicator 1[argmax y_m = k]: labels (B, h, w) → one-hot (B, K, h, w), ignored pixels all zero."""
+    valid = labels != ignore_index
+    one_hot = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+    return one_hot * valid.unsqueeze(1)
+
+
+def target_class_weights(pseudo_labels: Tensor) -> Tensor:
+    """Eq. 13's weights ŷ_k · 1[argmax ŷ = k] (zero for pixels whose pseudo label is the zero vector)."""
+    winner = F.one_hot(pseudo_labels.argmax(1), pseudo_labels.shape[1]).permute(0, 3, 1, 2).to(pseudo_labels)
+    return pseudo_labels * winner
+
+
+def as_distribution(centroids: Tensor, mode: str) -> Tensor:
+    """Centroids (K, F) → probability vectors over F (docstring, choice 2)."""
+    if mode == "softmax":
+        return F.softmax(centroids, dim=1)
+    positive = centroids.clamp_min(0) + EPS
+    return positive / positive.sum(1, keepdim=True)
+
+
+def symmetric_divergence(source: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Eq. 11: mean over valid classes k of ½ [KL(F_s^k ‖ F_t^k) + KL(F_t^k ‖ F_s^k)]. source, target (K, F)
+    probability vectors; valid (K,) bool. 0 when no class is valid."""
+    if not valid.any():
+        return source.sum() * 0.0
+    p, q = source[valid], target[valid]
+    log_p, log_q = torch.log(p.clamp_min(EPS)), torch.log(q.clamp_min(EPS))
+    kl_pq = (p * (log_p - log_q)).sum(1)
+    kl_qp = (q * (log_q - log_p)).sum(1)
+    return (0.5 * (kl_pq + kl_qp)).mean()
+
+
+def rewards(with_p: Tensor, without_p: Tensor, labels: Tensor) -> Tensor:
+    """Eq. 4-5. with_p = C(F̃), without_p = C^b(F) probabilities and labels (one-hot or soft) all (B, K, H, W) →
+    R = R^s + R^a (B, H, W) in {0, 1, 2}."""
+    k = labels.argmax(1, keepdim=True)
+    segmentation = (with_p.argmax(1, keepdim=True) == k)
+    amelioration = with_p.gather(1, k) > without_p.gather(1, k)
+    return (segmentation.float() + amelioration.float()).squeeze(1)
+
+
+def reward_regression_loss(value: Tensor, reward: Tensor, valid: Tensor) -> Tensor:
+    """Eq. 6: mean over valid pixels of (V_cri − R)². value, reward (B, H, W), valid (B, H, W) bool."""
+    if not valid.any():
+        return value.sum() * 0.0
+    return ((value - reward) ** 2)[valid].mean()
+
+
+def critic_loss(value: Tensor) -> Tensor:
+    """Eq. 3: L_cri = −V_cri (mean over pixels)."""
+    return -value.mean()
+
+
+# ---------------------------------------------------------------------------------------------------- build
+
+
+def build(hp: Hyperparams, info: TaskInfo) -> nn.ModuleDict:
+    segmenter = recipe_segmenter(hp, info)
+    modules = {"segmenter": segmenter,
+               "discriminator": ConvDiscriminator(segmenter.feature_channels, stride=hp.discriminator_stride)}
+    if hp.critical_transfer:
+        modules["quantizer"] = TransferabilityQuantizer()
+        modules["critic"] = TransferabilityCritic(segmenter.feature_channels)
+    return nn.ModuleDict(modules)
+
+
+def _adam(parameters, learning_rate: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    return torch.optim.Adam(parameters, lr=learning_rate, betas=betas)
+
+
+def optimizers(hp: Hyperparams, modules: nn.ModuleDict, num_steps: int) -> dict[str, Optim]:
+    if hp.segmenter_optimizer == "sgd":
+        segmenter = recipe_optim(hp, modules["segmenter"], num_steps)
+    else:
+        adam = _adam(modules["segmenter"].parameters(), hp.learning_rate, (hp.segmenter_beta1, hp.segmenter_beta2))
+        segmenter = Optim(adam, poly_schedule(adam, num_steps, hp.poly_power))
+    out = {"segmenter": segmenter}
+    agents = {"discriminator": hp.discriminator_learning_rate}
+    if hp.critical_transfer:
+        agents.update(quantizer=hp.agent_learning_rate, critic=hp.agent_learning_rate)
+    for name, learning_rate in agents.items():
+        adam = _adam(modules[name].parameters(), learning_rate, (0.9, 0.99))
+        out[name] = Optim(adam, poly_schedule(adam, num_steps, hp.poly_power))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- forward paths
+
+
+def transferability_map(modules: nn.ModuleDict, features: Tensor) -> Tensor:
+    """P for features F (B, F, h, w): D's output through T_Q, Eq. 2, resized to F's size (B, 1, h, w)."""
+    p = transferability(modules["quantizer"](modules["discriminator"](features)))
+    return F.interpolate(p, size=features.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def segment(hp: Hyperparams, modules: nn.ModuleDict, features: Features, p: Tensor | None) -> Tensor:
+    """C on the features modulated by P (or on F when p is None): logits at the classifier's resolution."""
+    return modules["segmenter"].classify(features._replace(main=modulate(features.main, p, hp.modulation)))
+
+
+def _probabilities(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.softmax(upsample(logits, size), dim=1)
+
+
+def pseudo_labels(hp: Hyperparams, state: Mapping[str, Any], probabilities: Tensor) -> Tensor:
+    """Line 5 of Alg. 2: Eq. 10 with the latest thresholds, or the w/oCG hard labels."""
+    if not hp.confidence_guided:
+        return hard_pseudo_labels(probabilities)
+    return soft_pseudo_labels(probabilities, state["thresholds"].to(probabilities.device), hp.gamma)
+
+
+def _thresholds(hp: Hyperparams, state: Mapping[str, Any], num_classes: int, device: torch.device) -> Tensor:
+    return state["thresholds"].to(device) if hp.confidence_guided else torch.ones(num_classes, device=device)
+
+
+def _centroid_distributions(hp: Hyperparams, state: dict[str, Any], name: str, features: Tensor,
+                            weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Class centroids of one domain as distributions (K, F), and which classes have one (K,) (choice 3)."""
+    sums, counts = class_centroid_sums(features, weights)
+    present = counts > EPS
+    batch = sums / counts.clamp_min(EPS).unsqueeze(1)
+    if hp.centroids == "ema":
+        history = state.get(f"centroids_{name}")
+        seen = state.get(f"centroids_{name}_seen")
+        if history is None:
+            history = torch.zeros_like(batch).detach()
+            seen = torch.zeros_like(present)
+        history, seen = history.to(batch.device), seen.to(batch.device)
+        mixed = torch.where(seen.unsqueeze(1), hp.centroid_momentum * history + (1 - hp.centroid_momentum) * batch,
+                            batch)
+        current = torch.where(present.unsqueeze(1), mixed, history)
+        state[f"centroids_{name}"] = current.detach()
+        state[f"centroids_{name}_seen"] = seen | present
+        return as_distribution(current, hp.centroid_distribution), seen | present
+    return as_distribution(batch, hp.centroid_distribution), present
+
+
+def _resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+# ---------------------------------------------------------------------------------------------------- Alg. 2
+
+
+@dataclass
+class Step:
+    """What the lines of one iteration share: the normalised batch, labels and the thresholds in force."""
+
+    x_s: Tensor
+    y_s: Tensor
+    x_t: Tensor
+    delta: Tensor  # δ_k (K,)
+    labels_t: Tensor | None = None  # soft pseudo labels at image resolution (B, K, H, W), from line 5
+    labels_t_features: Tensor | None = None  # the same at E's feature resolution, for L_div
+
+    @property
+    def size_s(self) -> tuple[int, int]:
+        return tuple(self.x_s.shape[-2:])
+
+    @property
+    def size_t(self) -> tuple[int, int]:
+        return tuple(self.x_t.shape[-2:])
+
+
+def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
+    hp = ctx.hp
+    step = Step(x_s=imagenet_normalise(batch.source_image), y_s=batch.source_label,
+                x_t=imagenet_normalise(batch.target_image),
+                delta=_thresholds(hp, ctx.state, ctx.info.num_classes, batch.target_image.device))
+    metrics = line4_update_segmenter_on_source(ctx, step)
+    metrics.update(line5_pseudo_labels(ctx, step))
+    metrics.update(line6_update_encoder_and_discriminator(ctx, step))
+    if hp.critical_transfer:
+        metrics.update(line7_update_quantizer(ctx, step))
+        metrics.update(line8_update_critic(ctx, step))
+    if hp.pseudo_label_training == "eq7":
+        metrics.update(eq7_update_segmenter_on_target(ctx, step))
+    return metrics
+
+
+def line4_update_segmenter_on_source(ctx: StepContext, step: Step) -> dict[str, Tensor]:
+    """Alg. 2, line 4: E and C minimise the source term of L_seg (P, if any, is a given attention map here)."""
+    hp, modules = ctx.hp, ctx.modules
+    features = modules["segmenter"].encode(step.x_s)
+    p = transferability_map(modules, features.main).detach() if hp.critical_transfer else None
+    loss = segmentation_loss(segment(hp, modules, features, p), step.y_s, ctx.info.ignore_index)
+    _descend(ctx, "segmenter", loss)
+    return {"loss_seg_source": loss.detach()}
+
+
+@torch.no_grad()
+def line5_pseudo_labels(ctx: StepContext, step: Step) -> dict[str, Tensor]:
+    """Line 5: confident soft pseudo labels of the target images, Eq. 10, at image and at E's feature resolution."""
+    hp, modules = ctx.hp, ctx.modules
+    features = modules["segmenter"].encode(step.x_t)
+    p = transferability_map(modules, features.main) if hp.critical_transfer else None
+    logits = segment(hp, modules, features, p)
+    step.labels_t = pseudo_labels(hp, ctx.state, _probabilities(logits, step.size_t))
+    step.labels_t_features = pseudo_labels(hp, ctx.state, _probabilities(logits, tuple(features.main.shape[-2:])))
+    return {"pseudo_label_fraction": (step.labels_t.sum(1) > 0).float().mean()}
+
+
+def line6_update_encoder_and_discriminator(ctx: StepContext, step: Step) -> dict[str, Tensor]:
+    """Line 6: min over E, max over D of ξ2 L_adv + ξ3 L_div (D: source → 1, target → 0; E: target → source)."""
+    hp, modules, info = ctx.hp, ctx.modules, ctx.info
+    segmenter, discriminator = modules["segmenter"], modules["discriminator"]
+    features_s, features_t = segmenter.encode(step.x_s).main, segmenter.encode(step.x_t).main
+    loss_adv = domain_bce(discriminator(features_t), 1.0)
+    loss_encoder = hp.xi2 * loss_adv
+    metrics = {"loss_adv": loss_adv.detach()}
+    if hp.symmetric_divergence:
+        weights_s = source_class_weights(_resize_labels(step.y_s, features_s.shape[-2:]), info.num_classes,
+                                         info.ignore_index)
+        dist_s, valid_s = _centroid_distributions(hp, ctx.state, "source", features_s, weights_s)
+        dist_t, valid_t = _centroid_distributions(hp, ctx.state, "target", features_t,
+                                                  target_class_weights(step.labels_t_features))
+        loss_div = symmetric_divergence(dist_s, dist_t, valid_s & valid_t)
+        loss_encoder = loss_encoder + hp.xi3 * loss_div
+        metrics["loss_div"] = loss_div.detach()
+    _descend(ctx, "segmenter", loss_encoder)  # only E has gradients: C's are None and the optimiser skips them
+    loss_d = 0.5 * (domain_bce(discriminator(features_s.detach()), 1.0)
+                    + domain_bce(discriminator(features_t.detach()), 0.0))
+    _descend(ctx, "discriminator", loss_d)
+    metrics["loss_d"] = loss_d.detach()
+    return metrics
+
+
+def line7_update_quantizer(ctx: StepContext, step: Step) -> dict[str, Tensor]:
+    """Line 7: T_Q minimises L_seg (both terms of Eq. 7) + ξ1 L_cri; gradients reach T_Q through P only."""
+    hp, modules, info = ctx.hp, ctx.modules, ctx.info
+    with torch.no_grad():
+        features_s, features_t = modules["segmenter"].encode(step.x_s), modules["segmenter"].encode(step.x_t)
+    p_s, p_t = transferability_map(modules, features_s.main), transferability_map(modules, features_t.main)
+    loss_seg = segmentation_loss(segment(hp, modules, features_s, p_s), step.y_s, info.ignore_index) + \
+        target_segmentation_loss(step.labels_t, _probabilities(segment(hp, modules, features_t, p_t), step.size_t),
+                                 step.delta, hp.gamma)
+    critic = modules["critic"]
+    loss_cri = 0.5 * (critic_loss(critic(features_s.main, p_s)) + critic_loss(critic(features_t.main, p_t)))
+    _descend(ctx, "quantizer", loss_seg + hp.xi1 * loss_cri)
+    return {"loss_seg_quantizer": loss_seg.detach(), "loss_cri": loss_cri.detach(),
+            "transferability_mean": 0.5 * (p_s.detach().mean() + p_t.detach().mean())}
+
+
+def line8_update_critic(ctx: StepContext, step: Step) -> dict[str, Tensor]:
+    """Line 8: T_C regresses the rewards R = R^s + R^a of the current quantizer's transferability (Eq. 4-6)."""
+    hp, modules, info = ctx.hp, ctx.modules, ctx.info
+    with torch.no_grad():
+        features_s, features_t = modules["segmenter"].encode(step.x_s), modules["segmenter"].encode(step.x_t)
+        p_s, p_t = transferability_map(modules, features_s.main), transferability_map(modules, features_t.main)
+        reward_s = rewards(_probabilities(segment(hp, modules, features_s, p_s), step.size_s),
+                           _probabilities(segment(hp, modules, features_s, None), step.size_s),
+                           source_class_weights(step.y_s, info.num_classes, info.ignore_index))
+        reward_t = rewards(_probabilities(segment(hp, modules, features_t, p_t), step.size_t),
+                           _probabilities(segment(hp, modules, features_t, None), step.size_t), step.labels_t)
+    critic = modules["critic"]
+    value_s = upsample(critic(features_s.main, p_s), step.size_s)[:, 0]
+    value_t = upsample(critic(features_t.main, p_t), step.size_t)[:, 0]
+    loss_reg = 0.5 * (reward_regression_loss(value_s, reward_s, step.y_s != info.ignore_index)
+                      + reward_regression_loss(value_t, reward_t, step.labels_t.sum(1) > 0))
+    _descend(ctx, "critic", loss_reg)
+    return {"loss_reg": loss_reg.detach(), "reward_target_mean": reward_t.mean()}
+
+
+def eq7_update_segmenter_on_target(ctx: StepContext, step: Step) -> dict[str, Tensor]:
+    """Eq. 7 / Eq. 14: E and C also minimise the target term of L_seg (docstring, choice 4)."""
+    hp, modules = ctx.hp, ctx.modules
+    features = modules["segmenter"].encode(step.x_t)
+    p = transferability_map(modules, features.main).detach() if hp.critical_transfer else None
+    probabilities = _probabilities(segment(hp, modules, features, p), step.size_t)
+    loss = target_segmentation_loss(step.labels_t, probabilities, step.delta, hp.gamma)
+    _descend(ctx, "segmenter", loss)
+    return {"loss_seg_target": loss.detach()}
+
+
+def _descend(ctx: StepContext, name: str, loss: Tensor) -> None:
+    """One update of module `name`'s optimiser on `loss` (gradients of other modules are cleared by their own
+    optimisers before their own updates)."""
+    optimizer = ctx.optimizers[name]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+# ---------------------------------------------------------------------------------------------------- Alg. 1 pass
+
+
+def collect_confidences(ctx: StepContext, images: Tensor, image_labels: Tensor | None) -> dict[str, Tensor]:
+    """Alg. 1, lines 1-7 for one batch: max probability and argmax of C per output pixel."""
+    logits = _logits(ctx.hp, ctx.modules, imagenet_normalise(images))
+    probabilities = F.softmax(logits, dim=1)
+    confidence, prediction = probabilities.max(1)
+    return {"confidence": confidence.flatten(), "prediction": prediction.flatten().to(torch.int16)}
+
+
+def update_thresholds(ctx: StepContext, gathered: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Alg. 1, lines 8-11 over the whole target set, with S_A for the current epoch."""
+    portion = selection_amount(ctx.target_epoch, ctx.hp.selection_start, ctx.hp.selection_step,
+                               ctx.hp.selection_max)
+    thresholds = class_thresholds(gathered["confidence"].cpu(), gathered["prediction"].long().cpu(),
+                                  ctx.info.num_classes, portion)
+    return {"thresholds": thresholds, "selection_amount": portion}
+
+
+def _logits(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor) -> Tensor:
+    features = modules["segmenter"].encode(images)
+    p = transferability_map(modules, features.main) if hp.critical_transfer else None
+    return segment(hp, modules, features, p)
+
+
+def stages(hp: Hyperparams) -> tuple[Stage, ...]:
+    trains = ("segmenter", "discriminator") + (("quantizer", "critic") if hp.critical_transfer else ())
+    target_pass = TargetPass("every_epoch", collect_confidences, update_thresholds) if hp.confidence_guided else None
+    return (Stage(name="adapt", trains=trains, budget_share=1.0, optimizers=optimizers, step=train_step,
+                  target_pass=target_pass),)
+
+
+@torch.no_grad()
+def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: str) -> Tensor:
+    """E → T_Q's transferability → C on the modulated features (Sec. 3.5 "forward x into E and C")."""
+    return upsample(_logits(hp, modules, imagenet_normalise(images)), tuple(images.shape[-2:]))
+
+
+METHOD = Method(
+    name="cscl",
+    paper="Dong et al., CSCL: Critical Semantic-Consistent Learning for UDA, ECCV 2020 "
+          "(../shared/papers/002_c46badf92f1b9b44.txt)",
+    hyperparams=Hyperparams,
+    build=build,
+    stages=stages,
+    predict=predict,
+    tasks=("synthetic-urban", "gta5-cityscapes"),
+)
