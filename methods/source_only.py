@@ -65,5 +65,7 @@ METHOD = Method(
     build=build,
     stages=stages,
     predict=predict,
-    tasks=("synthetic-urban", "synthetic-endoscopy", "synthetic-cxr", "gta5-cityscapes"),
+    tasks=("synthetic-urban", "synthetic-endoscopy", "synthetic-cxr", "gta5-cityscapes", "synthia-cityscapes",
+           "cityscapes-nthu-rome", "cityscapes-nthu-rio", "cityscapes-nthu-tokyo", "cityscapes-nthu-taipei",
+           "endoscopy", "montgomery-jsrt"),
 )

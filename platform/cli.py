@@ -184,6 +184,10 @@ def probe_costs(plan: Plan) -> Costs | None:
         ctx = StepContext(hp=hp, info=info, modules=modules, optimizers={n: o.optimizer for n, o in optims.items()},
                           state=resolved.method.init_state(hp, info), stage=stage.name, stage_step=0, stage_steps=100,
                           target_epoch=0, generator=generator, device=torch.device("cpu"))
+        if stage.target_pass is not None:  # the state a pass over the target set would leave (e.g. thresholds)
+            with torch.no_grad():
+                ctx.state.update(stage.target_pass.update(ctx, stage.target_pass.collect(
+                    ctx, batch.target_image if batch.target_image is not None else images, batch.target_image_label)))
         timings = []
         for _ in range(3):
             started = time.perf_counter()

@@ -10,6 +10,7 @@ One row per image:
     label         binary        PNG bytes of uint8 class ids (trainIds), 255 = ignore; null where the split has none
     image_labels  list<int16>   class ids present at image level (weak labels); null where the set defines none
     height, width int32         image size in pixels
+    spacing_mm    list<float32> pixel size (row, column) in millimetres (medical sets); null elsewhere
 
 Shards are written under a temporary name and renamed when complete; the manifest is written last, so a dataset
 without `manifest.json` is incomplete by definition and never read. The manifest records counts, class pixel
@@ -41,6 +42,7 @@ SCHEMA = pa.schema([
     pa.field("image_labels", pa.list_(pa.int16())),
     pa.field("height", pa.int32(), nullable=False),
     pa.field("width", pa.int32(), nullable=False),
+    pa.field("spacing_mm", pa.list_(pa.float32())),
 ])
 
 
@@ -70,6 +72,7 @@ class Manifest:
     fingerprint: str = ""
     pixel_spacing_mm: float | None = None
     source: dict[str, Any] = field(default_factory=dict)  # how it was produced (converter, generator + seed)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # samples left out, with the reason
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -113,7 +116,7 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def sample_row(sample_id: str, image: np.ndarray, label: np.ndarray | None,
-               image_labels: Iterable[int] | None) -> dict[str, Any]:
+               image_labels: Iterable[int] | None, spacing_mm: tuple[float, float] | None = None) -> dict[str, Any]:
     return {
         "id": sample_id,
         "image": encode_png(image),
@@ -121,7 +124,17 @@ def sample_row(sample_id: str, image: np.ndarray, label: np.ndarray | None,
         "image_labels": None if image_labels is None else [int(c) for c in image_labels],
         "height": int(image.shape[0]),
         "width": int(image.shape[1]),
+        "spacing_mm": None if spacing_mm is None else [float(v) for v in spacing_mm],
     }
+
+
+def write_shard(path: str, rows: list[dict[str, Any]], rows_per_group: int) -> None:
+    """One complete shard: written under a temporary name, renamed when whole (a shard is visible only complete)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with pq.ParquetWriter(path + ".tmp", SCHEMA, compression="none") as writer:
+        for start in range(0, len(rows), rows_per_group):
+            writer.write_table(pa.Table.from_pylist(rows[start:start + rows_per_group], schema=SCHEMA))
+    os.replace(path + ".tmp", path)
 
 
 def _file_sha256(path: str) -> str:

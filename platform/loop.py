@@ -29,8 +29,8 @@ import methods
 from methods.contract import Batch, Optim, Stage, StepContext
 from platform import checkpoints, distributed, tasks
 from platform.datasets import split_files
-from platform.metrics import confusion_matrix, segmentation_metrics
-from platform.stream import TrainStream, eval_batches, row_groups
+from platform.metrics import LungMetrics, confusion_matrix, segmentation_metrics
+from platform.stream import Policy, TrainStream, eval_batches, row_groups
 
 PRIMARY_METRIC = "val_target/miou"
 
@@ -123,6 +123,38 @@ def split_budget(max_steps: int, shares: list[float]) -> list[int]:
     return steps + [max_steps - sum(steps)]
 
 
+def evaluate_split(method: Any, hp: Any, modules: nn.ModuleDict, task: tasks.Task, files: list[str], stage_name: str,
+                   batch_size: int, rank: int, world_size: int, device: torch.device, prefix: str) -> dict[str, float]:
+    """One pass over a labelled split (this worker's share), metrics reduced over all workers."""
+    info = task.info
+    matrix = torch.zeros(info.num_classes, info.num_classes, dtype=torch.int64)
+    lungs = LungMetrics(info.class_names) if task.lung_metrics else None
+    columns = ["image", "label"] + (["spacing_mm"] if lungs else [])
+    modes = {name: module.training for name, module in modules.items()}
+    modules.eval()
+    try:
+        with torch.no_grad():
+            for batch in eval_batches(files, columns, batch_size, info.num_classes, rank, world_size, task.target_size):
+                logits = method.predict(hp, modules, batch["image"].to(device), stage_name)
+                label = batch["label"]
+                if tuple(logits.shape[-2:]) != tuple(label.shape[-2:]):
+                    logits = nn.functional.interpolate(logits, size=label.shape[-2:], mode="bilinear",
+                                                       align_corners=False)
+                prediction = logits.argmax(1).cpu()
+                matrix += confusion_matrix(prediction, label, info.num_classes, info.ignore_index)
+                if lungs is not None:
+                    for index in range(len(prediction)):
+                        lungs.add(prediction[index].numpy(), label[index].numpy(), batch["spacing_mm"][index].tolist())
+    finally:
+        for name, module in modules.items():
+            module.train(modes[name])
+    matrix = distributed.all_reduce_sum(matrix)
+    metrics = segmentation_metrics(matrix, info.class_names, prefix, task.eval_classes, task.class_subsets)
+    if lungs is not None:
+        metrics.update(lungs.summarise(distributed.all_gather_cat(lungs.tensor()), prefix))
+    return metrics
+
+
 class TrialRunner:
     """One trial of one method on one task (one process; one of `world_size` data-parallel workers)."""
 
@@ -143,9 +175,9 @@ class TrialRunner:
         self.generator = torch.Generator().manual_seed(spec.seed * 1000 + session.rank)
         self.progress = Progress()
         self.fingerprints = tasks.prepare(self.task, spec.data_root)
-        self._files = {name: split_files(spec.data_root, split.dataset, split.split) for name, split in
-                       (("source_train", self.task.source_train), ("target_train", self.task.target_train),
-                        ("target_val", self.task.target_val))}
+        splits = {"source_train": self.task.source_train, "target_train": self.task.target_train,
+                  "target_val": self.task.target_val}
+        self._files = {name: split_files(spec.data_root, split.dataset, split.split) for name, split in splits.items()}
         self.num_target_train = sum(g.num_rows for g in row_groups(self._files["target_train"]))
         self._loss_window: dict[str, list[float]] = {}
         self._report_window: dict[str, list[float]] = {}
@@ -201,15 +233,17 @@ class TrialRunner:
     # ------------------------------------------------------------------ data
 
     def _streams(self, stage: Stage) -> tuple[Iterator[dict], Iterator[dict] | None]:
-        batch_size = self.hp.batch_size
+        batch_size, task = self.hp.batch_size, self.task
         common = dict(batch_size=batch_size, num_classes=self.info.num_classes, seed=self.spec.seed,
-                      rank=self.session.rank, world_size=self.session.world_size, hflip=self.task.hflip)
-        source = iter(TrainStream(self._files["source_train"], ["image", "label"], size=self.task.source_size,
+                      rank=self.session.rank, world_size=self.session.world_size, threads=max(1, self.spec.threads))
+        policy = lambda size: Policy(size=size, hflip=task.hflip, scale_range=task.train_scale_range,  # noqa: E731
+                                     crop=task.train_crop)
+        source = iter(TrainStream(self._files["source_train"], ["image", "label"], policy=policy(task.source_size),
                                   start_sample=self.progress.source_batches * batch_size, **common))
         if not stage.uses_target:
             return source, None
         columns = ["image", "image_labels"] if self.info.target_image_labels else ["image"]
-        target = iter(TrainStream(self._files["target_train"], columns, size=self.task.target_size,
+        target = iter(TrainStream(self._files["target_train"], columns, policy=policy(task.target_size),
                                   start_sample=self.progress.target_batches * batch_size, **common))
         return source, target
 
@@ -255,21 +289,11 @@ class TrialRunner:
 
     # ------------------------------------------------------------------ evaluation, reporting, checkpoints
 
-    def evaluate(self, stage_name: str) -> dict[str, float]:
-        matrix = torch.zeros(self.info.num_classes, self.info.num_classes, dtype=torch.int64)
-        with self._all_eval(), torch.no_grad():
-            for batch in eval_batches(self._files["target_val"], ["image", "label"], self.spec.eval_batch_size,
-                                      self.info.num_classes, self.session.rank, self.session.world_size,
-                                      self.task.target_size):
-                logits = self.method.predict(self.hp, self.modules, batch["image"].to(self.device), stage_name)
-                label = batch["label"]
-                if tuple(logits.shape[-2:]) != tuple(label.shape[-2:]):
-                    logits = nn.functional.interpolate(logits, size=label.shape[-2:], mode="bilinear",
-                                                       align_corners=False)
-                matrix += confusion_matrix(logits.argmax(1).cpu(), label, self.info.num_classes,
-                                           self.info.ignore_index)
-        matrix = distributed.all_reduce_sum(matrix)
-        return segmentation_metrics(matrix, self.info.class_names, "val_target")
+    def evaluate(self, stage_name: str, split: str = "target_val", prefix: str = "val_target") -> dict[str, float]:
+        """Score `method.predict` on a labelled target split at the labels' full resolution."""
+        return evaluate_split(self.method, self.hp, self.modules, self.task, self._files[split], stage_name,
+                              self.spec.eval_batch_size, self.session.rank, self.session.world_size, self.device,
+                              prefix)
 
     def _evaluate_and_report(self, stage: Stage, optims: Mapping[str, Optim]) -> None:
         started = time.perf_counter()

@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from platform.datasets import IGNORE_INDEX, Manifest, SplitWriter, finalize, read_manifest, sample_row, DatasetNotFoundError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the spacing_mm column
 
 # ----------------------------------------------------------------------------------------------------------------------
 # synthetic-urban
@@ -372,7 +372,8 @@ def ensure(root: str, name: str, seed: int = 0) -> Manifest:
             writer = SplitWriter(staging, split, len(dataset.class_names))
             for index in range(count):
                 image, label, image_labels = generate(name, index, split, seed)
-                writer.add(sample_row(f"{split}-{index:05d}", image, label, image_labels), label=label)
+                spacing = (dataset.pixel_spacing_mm,) * 2 if dataset.pixel_spacing_mm else None
+                writer.add(sample_row(f"{split}-{index:05d}", image, label, image_labels, spacing), label=label)
             splits[split] = writer.close()
         manifest = finalize(staging, Manifest(
             name=name, num_classes=len(dataset.class_names), class_names=list(dataset.class_names),

@@ -22,12 +22,14 @@ class ConvDiscriminator(nn.Module):
     halve even sizes for both 4x4 and 3x3 kernels."""
 
     def __init__(self, in_channels: int, channels: Sequence[int] = (64, 128, 256, 512, 1), kernel_size: int = 4,
-                 stride: int = 2, negative_slope: float = 0.2, sigmoid: bool = False):
+                 stride: int = 2, negative_slope: float = 0.2, sigmoid: bool = False, downsampling: int | None = None):
+        """`downsampling`: how many of the first convolutions use `stride` (the rest stride 1); default all."""
         super().__init__()
         layers: list[nn.Module] = []
         previous = in_channels
+        strided = len(channels) if downsampling is None else downsampling
         for index, width in enumerate(channels):
-            layers.append(nn.Conv2d(previous, width, kernel_size, stride=stride, padding=1))
+            layers.append(nn.Conv2d(previous, width, kernel_size, stride=stride if index < strided else 1, padding=1))
             if index < len(channels) - 1:
                 layers.append(nn.LeakyReLU(negative_slope, inplace=True))
             previous = width

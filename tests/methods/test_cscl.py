@@ -143,7 +143,7 @@ INFO = TaskInfo(num_classes=3, in_channels=3, class_names=("a", "b", "c"))
 def _context(**changes):
     torch.manual_seed(0)
     hp = cscl.Hyperparams(architecture="tiny", freeze_batchnorm=False, learning_rate=0.01, batch_size=2,
-                          discriminator_stride=1, **changes)
+                          discriminator_downsampling=2, **changes)
     modules = cscl.build(hp, INFO)
     modules.train()
     optims = cscl.optimizers(hp, modules, 10)
@@ -179,7 +179,7 @@ def test_each_line_of_algorithm_2_updates_exactly_its_parameters():
 
 
 def test_a_full_step_and_the_ablation_switches():
-    ctx, step = _context()
+    ctx, step = _context(pseudo_label_training="eq7")
     metrics = cscl.train_step(ctx, Batch(source_image=torch.rand(2, 3, 64, 64), source_label=step.y_s,
                                          target_image=torch.rand(2, 3, 64, 64)))
     assert {"loss_seg_source", "loss_adv", "loss_div", "loss_d", "loss_cri", "loss_reg", "loss_seg_target"} <= set(metrics)
@@ -188,18 +188,29 @@ def test_a_full_step_and_the_ablation_switches():
 
     no_tc, _ = _context(critical_transfer=False)
     assert set(no_tc.modules) == {"segmenter", "discriminator"}
-    assert cscl.stages(no_tc.hp)[0].trains == ("segmenter", "discriminator")
+    assert cscl.stages(no_tc.hp)[-1].trains == ("segmenter", "discriminator")
     no_cg, step_cg = _context(confidence_guided=False)
-    assert cscl.stages(no_cg.hp)[0].target_pass is None
+    assert cscl.stages(no_cg.hp)[-1].target_pass is None
     cscl.line5_pseudo_labels(no_cg, step_cg)
     assert torch.all(step_cg.labels_t.sum(1) == 1) and set(step_cg.labels_t.unique().tolist()) == {0.0, 1.0}
     no_sd, step_sd = _context(symmetric_divergence=False)
     cscl.line5_pseudo_labels(no_sd, step_sd)
     assert "loss_div" not in cscl.line6_update_encoder_and_discriminator(no_sd, step_sd)
-    alg2, _ = _context(pseudo_label_training="alg2")
+    alg2, _ = _context()  # the default: Alg. 2 literally
     metrics = cscl.train_step(alg2, Batch(source_image=torch.rand(2, 3, 64, 64), source_label=step.y_s,
                                           target_image=torch.rand(2, 3, 64, 64)))
     assert "loss_seg_target" not in metrics
+
+
+def test_source_warmup_is_line_4_alone_before_the_first_threshold_pass():
+    ctx, step = _context(source_warmup=0.25)
+    warmup, adapt = cscl.stages(ctx.hp)
+    assert (warmup.trains, warmup.uses_target, warmup.target_pass) == (("segmenter",), False, None)
+    assert (warmup.budget_share, adapt.budget_share) == (0.25, 0.75) and adapt.target_pass is not None
+    assert set(cscl.warmup_optimizers(ctx.hp, ctx.modules, 10)) == {"segmenter"}
+    batch = Batch(source_image=torch.rand(2, 3, 64, 64), source_label=step.y_s, target_image=None)
+    assert _moved(ctx, lambda: cscl.warmup_step(ctx, batch)) == {"E", "C"}
+    assert len(cscl.stages(cscl.Hyperparams(source_warmup=0.0))) == 1  # Alg. 2 as printed
 
 
 def test_threshold_pass_uses_the_epoch_schedule():

@@ -3,10 +3,11 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from platform import synthetic, tasks
 from platform.datasets import SCHEMA, DatasetNotFoundError, decode_png, read_manifest, split_files
-from platform.stream import TrainStream, eval_batches, row_groups
+from platform.stream import Augment, Policy, TrainStream, augment_sample, eval_batches, row_groups
 
 
 def test_synthetic_samples_are_deterministic_and_seed_dependent():
@@ -121,3 +122,45 @@ def test_eval_batches_cover_the_split_once_at_label_resolution(data_root):
     assert total == read_manifest(data_root, "synthetic-urban-target").splits["val"].count
     batch = next(eval_batches(files, ["image", "label"], 16, 7, size=(32, 64)))
     assert batch["image"].shape[-2:] == (32, 64) and batch["label"].shape[-2:] == (64, 128)
+
+
+def _coordinate_sample(height=6, width=10):
+    """An image whose channels hold each pixel's row and column, and a label that is a function of both."""
+    rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = torch.stack([rows, columns, torch.zeros_like(rows)]).float()
+    return {"image": image, "label": (rows * width + columns) % 250}
+
+
+def test_crop_and_flip_move_image_and_label_together():
+    sample = augment_sample(_coordinate_sample(), Policy(crop=(4, 5), hflip=True),
+                            Augment(flip=True, crop=(0.5, 1.0)))
+    assert sample["image"].shape == (3, 4, 5) and sample["label"].shape == (4, 5)
+    rows, columns = sample["image"][0].long(), sample["image"][1].long()
+    assert torch.equal(sample["label"], (rows * 10 + columns) % 250)
+    assert rows[0, 0] == 1  # top = int(0.5 * (6 - 4))
+    assert columns[0, 0] == 9 and columns[0, -1] == 5  # left = 10 - 5, then flipped
+
+
+def test_a_crop_larger_than_the_image_pads_labels_with_ignore():
+    sample = augment_sample(_coordinate_sample(), Policy(crop=(8, 12)), Augment())
+    assert sample["image"].shape == (3, 8, 12)
+    assert (sample["label"][6:] == 255).all() and (sample["label"][:, 10:] == 255).all()
+    assert (sample["image"][:, 6:] == 0).all()
+
+
+def test_resize_then_random_scale_keep_labels_as_class_ids():
+    sample = augment_sample(_coordinate_sample(), Policy(size=(12, 20), scale_range=(0.5, 1.5)), Augment(scale=0.5))
+    assert sample["image"].shape == (3, 6, 10) and sample["label"].shape == (6, 10)
+    assert sample["label"].dtype == torch.int64
+    assert set(sample["label"].unique().tolist()) <= set(range(60))  # nearest: no interpolated ids
+
+
+def test_threaded_decoding_gives_the_same_batches_as_serial(data_root):
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    policy = Policy(hflip=True, scale_range=(0.75, 1.25), crop=(32, 64))
+    batches = []
+    for threads in (1, 3):
+        stream = iter(TrainStream(files, ["id", "image", "label"], 4, 7, seed=0, policy=policy, threads=threads))
+        batches.append([next(stream) for _ in range(3)])
+    for serial, threaded in zip(*batches):
+        assert torch.equal(serial["image"], threaded["image"]) and torch.equal(serial["label"], threaded["label"])

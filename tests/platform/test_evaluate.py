@@ -1,0 +1,100 @@
+"""Evaluation: equal to the official cityscapesscripts scorer, subsets from one matrix, the evaluate CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+from cityscapesscripts.helpers.labels import id2label, trainId2label
+from PIL import Image
+
+from platform import checkpoints, evaluate, tasks
+from platform.loop import LocalSession, TrialRunner, TrialSpec
+
+FRAMES = ("frankfurt_000000_000294", "frankfurt_000000_000576", "lindau_000001_000019")
+
+
+def _tree(root, rng, shape=(24, 40)):
+    """Ground truth in the official gtFine layout, predictions in a flat folder named by CITY_SEQ_FRAME."""
+    label_ids = np.array([i for i in id2label if i >= 0])
+    pairs = []
+    for frame in FRAMES:
+        city = frame.split("_")[0]
+        truth = rng.choice(label_ids, shape).astype(np.uint8)
+        # a prediction that is right on about half the pixels and otherwise any labelId (ignored classes included)
+        prediction = np.where(rng.random(shape) < 0.5, truth, rng.choice(label_ids, shape)).astype(np.uint8)
+        truth_path = root / "gtFine" / "val" / city / f"{frame}_gtFine_labelIds.png"
+        prediction_path = root / "pred" / f"{frame}_leftImg8bit.png"
+        for path, array in ((truth_path, truth), (prediction_path, prediction)):
+            os.makedirs(path.parent, exist_ok=True)
+            Image.fromarray(array).save(path)
+        pairs.append((str(prediction_path), str(truth_path)))
+    return pairs
+
+
+def test_folder_scores_equal_the_official_cityscapes_evaluator(tmp_path, monkeypatch):
+    pairs = _tree(tmp_path, np.random.default_rng(0))
+    for name, value in (("evalInstLevelScore", False), ("JSONOutput", False), ("quiet", True),
+                        ("evalPixelAccuracy", False)):
+        monkeypatch.setattr(official.args, name, value)
+    reference = official.evaluateImgLists([p for p, _ in pairs], [t for _, t in pairs], official.args)
+    ours = evaluate.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gtFine"), "labelIds",
+                                     tasks.get("gta5-cityscapes"))
+    for train_id in range(19):
+        name = trainId2label[train_id].name
+        assert ours[f"eval/iou/{name.replace(' ', '_')}"] == pytest.approx(reference["classScores"][name] * 100,
+                                                                            abs=1e-9)
+    assert ours["eval/miou"] == pytest.approx(reference["averageScoreClasses"] * 100, abs=1e-9)
+
+
+def test_synthia_16_and_13_class_scores_come_from_one_matrix(tmp_path):
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 19, (32, 32)).astype(np.uint8)
+    truth[:2] = 255
+    prediction = np.where(rng.random((32, 32)) < 0.6, truth, rng.integers(0, 19, (32, 32))).astype(np.uint8)
+    for folder, array in (("gt", truth), ("pred", prediction)):
+        os.makedirs(tmp_path / folder)
+        Image.fromarray(array).save(tmp_path / folder / "a.png")
+    task = tasks.get("synthia-cityscapes")
+    metrics = evaluate.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"), "trainIds", task)
+    valid = truth != 255
+    ious = []
+    for k in range(19):  # an independent per-class count
+        tp = np.sum((prediction == k) & (truth == k) & valid)
+        union = np.sum(((prediction == k) | (truth == k)) & valid)
+        ious.append(100 * tp / union)
+    sixteen = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
+    thirteen = [0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
+    assert tuple(task.eval_classes) == tuple(sixteen)
+    assert metrics["eval/miou"] == pytest.approx(np.mean([ious[k] for k in sixteen]))
+    assert metrics["eval/miou13"] == pytest.approx(np.mean([ious[k] for k in thirteen]))
+    assert "eval/iou/terrain" not in metrics  # trainId 9 is not one of SYNTHIA's 16
+
+
+def test_a_missing_prediction_is_named(tmp_path, capsys):
+    _tree(tmp_path, np.random.default_rng(2))
+    os.remove(tmp_path / "pred" / f"{FRAMES[1]}_leftImg8bit.png")
+    assert evaluate.main(["folders", str(tmp_path / "pred"), str(tmp_path / "gtFine")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{FRAMES[1]}_gtFine_labelIds.png" in err[0]
+
+
+def test_the_checkpoint_command_reproduces_the_trial_evaluation(data_root, tmp_path, capsys):
+    session = LocalSession()
+    spec = TrialSpec(method="source_only", task="synthetic-urban",
+                     hyperparams={"architecture": "tiny", "learning_rate": 0.01, "batch_size": 4}, seed=0,
+                     max_steps=3, eval_every=3, data_root=data_root)
+    runner = TrialRunner(spec, session)
+    runner.run()
+    meta = runner._checkpoint_meta(runner.stages[0], session.reports[-1])
+    checkpoints.write_weights(str(tmp_path), checkpoints.BEST, runner.modules, meta)
+    path = str(tmp_path / f"{checkpoints.BEST}.pt")
+    metrics, _ = evaluate.evaluate_checkpoint(path, data_root=data_root)
+    assert metrics["eval/best_val_target_miou/val/miou"] == pytest.approx(session.reports[-1]["val_target/miou"])
+    assert evaluate.main(["checkpoint", path, "--no-log", "--data-root", data_root]) == 0
+    assert "miou" in capsys.readouterr().out
+    assert evaluate.main(["checkpoint", path, "--split", "test", "--data-root", data_root]) == 2
+    assert "has no test split" in capsys.readouterr().err
