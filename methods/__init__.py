@@ -10,7 +10,7 @@ import dataclasses
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from methods import adaptsegnet, cscl, source_only
+from methods import adaptsegnet, cscl, seuda, source_only
 from methods.contract import Method
 
 
@@ -28,7 +28,7 @@ def _table(*records: Method) -> Mapping[str, Method]:
     return MappingProxyType(table)
 
 
-_METHODS = (source_only.METHOD, adaptsegnet.METHOD, cscl.METHOD)
+_METHODS = (source_only.METHOD, adaptsegnet.METHOD, cscl.METHOD, seuda.METHOD)
 REGISTRY: Mapping[str, Method] = _table(*_METHODS)
 
 

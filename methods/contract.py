@@ -166,6 +166,9 @@ class Method:
     predict: Callable[[Hyperparams, nn.ModuleDict, Tensor, str], Tensor]  # (hp, modules, images, stage) -> logits
     tasks: tuple[str, ...]  # task names this method is meant for
     init_state: Callable[[Hyperparams, TaskInfo], dict[str, Any]] = no_state
+    # (hp, modules, target validation images, stage) -> named image batches in [0, 1] (e.g. translated images) that
+    # the platform logs as MLflow artifacts at every evaluation; None or {} logs nothing
+    samples: Callable[[Hyperparams, nn.ModuleDict, Tensor, str], Mapping[str, Tensor]] | None = None
 
 
 def require(condition: bool, message: str) -> None:

@@ -78,6 +78,8 @@ class RunLogger(Protocol):
 
     def log_checkpoint(self, kind: str, modules: nn.ModuleDict, meta: Mapping[str, Any]) -> None: ...
 
+    def log_images(self, images: Mapping[str, torch.Tensor], step: int) -> None: ...
+
 
 class LocalSession:
     """A single-process session: reports are kept in memory, checkpoints under `checkpoint_root` if given."""
@@ -320,6 +322,24 @@ class TrialRunner:
             self.logger.log_checkpoint(checkpoints.LAST, self.modules, meta)
             if improved:
                 self.logger.log_checkpoint(checkpoints.BEST, self.modules, meta)
+            samples = self.samples(stage.name)
+            if samples:
+                self.logger.log_images(samples, step)
+
+    def samples(self, stage_name: str, count: int = 4) -> dict[str, torch.Tensor]:
+        """`method.samples` on the first `count` target validation images, modules in eval mode."""
+        if self.method.samples is None:
+            return {}
+        batch = next(eval_batches(self._files["target_val"], ["image"], count, self.info.num_classes,
+                                  size=self.task.target_size))
+        modes = {name: module.training for name, module in self.modules.items()}
+        self.modules.eval()
+        try:
+            with torch.no_grad():
+                return dict(self.method.samples(self.hp, self.modules, batch["image"].to(self.device), stage_name))
+        finally:
+            for name, module in self.modules.items():
+                module.train(modes[name])
 
     def _checkpoint_meta(self, stage: Stage, metrics: Mapping[str, float]) -> dict[str, Any]:
         return {"method": self.spec.method, "task": self.spec.task, "seed": self.spec.seed,

@@ -20,8 +20,11 @@ import tempfile
 import time
 from typing import Any, Mapping
 
+import numpy as np
+import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from torch import nn
 
 from platform import checkpoints
@@ -157,6 +160,17 @@ class TrialLogger:
         with tempfile.TemporaryDirectory(prefix="uda-weights-") as directory:
             checkpoints.write_weights(directory, kind, modules, meta)
             self.client.log_artifacts(self.run_id, directory, artifact_path=checkpoints.ARTIFACT_DIR)
+
+
+    def log_images(self, images: Mapping[str, torch.Tensor], step: int) -> None:
+        """Each named batch (B, C, H, W) in [0, 1] as one PNG strip under `samples/step-NNNNNNNN/<name>.png`."""
+        with tempfile.TemporaryDirectory(prefix="uda-samples-") as directory:
+            for name, batch in images.items():
+                strip = torch.cat(list(batch.detach().cpu().clamp(0, 1)), dim=-1)  # (C, H, B*W)
+                array = (strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(
+                    os.path.join(directory, f"{name}.png"))
+            self.client.log_artifacts(self.run_id, directory, artifact_path=f"samples/step-{step:08d}")
 
 
 def tags_for(method: str, task: str, seed: int, code: str, fingerprints: Mapping[str, str]) -> dict[str, str]:

@@ -132,14 +132,34 @@ def _metric_logged(database, key: str) -> bool:
         return False
 
 
-def test_train_command_runs_one_configuration(tmp_path, subprocess_env):
-    out = run_cli("platform.train", ["source_only", "--task", "synthetic-cxr", "--max-steps", "6", "--seed", "3",
-                                     "--set", "learning_rate=0.02", *store_args(tmp_path)], tmp_path, subprocess_env)
+def test_train_command_runs_both_seuda_stages(tmp_path, subprocess_env):
+    """`platform.train` on a two-stage method: segmenter, then GANs with it frozen; lung metrics and translated
+    samples reach MLflow."""
+    out = run_cli("platform.train", ["seuda", "--task", "synthetic-cxr", "--max-steps", "6", "--eval-every", "3",
+                                     "--seed", "3", "--set", "lambda_sem=0.4", *store_args(tmp_path)],
+                  tmp_path, subprocess_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, parents, children = runs_of(tmp_path)
+    assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
+    run = children[0]
+    assert run.data.params["lambda_sem"] == "0.4" and run.data.tags["seed"] == "3"
+    assert run.data.tags["task"] == "synthetic-cxr"
+    stages = [m.value for m in client.get_metric_history(run.info.run_id, "stage_index")]
+    assert stages == [0.0, 1.0]  # an evaluation at the end of each stage
+    assert {"val_target/dice/left_lung", "val_target/asd_undefined/right_lung", "train/loss_sem"} <= set(run.data.metrics)
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples/step-00000006")]
+    assert sorted(samples) == ["samples/step-00000006/target.png", "samples/step-00000006/target_to_source.png"]
+    assert not client.list_artifacts(run.info.run_id, "samples/step-00000003")  # stage 1 has nothing to translate
+
+
+def test_two_trial_cscl_sweep(tmp_path, subprocess_env):
+    out = run_cli("platform.sweep", ["cscl", "--num-samples", "2", "--max-steps", "4", "--eval-every", "2",
+                                     *store_args(tmp_path)], tmp_path, subprocess_env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _, parents, children = runs_of(tmp_path)
-    assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
-    assert children[0].data.params["learning_rate"] == "0.02" and children[0].data.tags["seed"] == "3"
-    assert children[0].data.tags["task"] == "synthetic-cxr"
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert {"train/loss_adv", "train/loss_reg", "train/pseudo_label_fraction"} <= set(children[0].data.metrics)
+    assert children[0].data.params["xi1"] != children[1].data.params["xi1"]  # the defaults, then a sampled point
 
 
 def test_tpe_search_with_asha(tmp_path, subprocess_env):
