@@ -35,5 +35,10 @@ def parallel(jobs: Sequence[tuple], processes: int = 2) -> list[dict[str, float]
 
 
 def mean_std(values: Sequence[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):5.1f} ± {spread:4.1f}"
+    """Mean ± sample std over the defined values (NaN, e.g. the ASD of an empty prediction, left out and counted)."""
+    defined = [v for v in values if v == v]
+    if not defined:
+        return "  n/a        "
+    spread = statistics.stdev(defined) if len(defined) > 1 else 0.0
+    missing = f" ({len(values) - len(defined)} undefined)" if len(defined) < len(values) else ""
+    return f"{statistics.mean(defined):5.1f} ± {spread:4.1f}{missing}"

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks.prepare(tasks.get(task), data_root)
     rows = [] if args.no_source_only else [("source_only", "source_only", {})]
     if args.grid:
-        rows += [(args.method, " ".join(f"{k}={v}" for k, v in point.items()), point)
+        rows += [(args.method, " ".join(f"{k}={v}" for k, v in point.items()) or f"{args.method} (defaults)", point)
                  for point in space.grid_points(args.grid)]
     else:
         rows.append((args.method, f"{args.method} (defaults)", {}))
@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         baseline = None
         for index, (_, label, _) in enumerate(rows):
             values = [metric(r) for r in results[index * len(seeds):(index + 1) * len(seeds)]]
-            baseline = baseline if baseline is not None else statistics.mean(values)
-            delta = statistics.mean(values) - baseline
+            defined = [v for v in values if v == v] or [float("nan")]
+            baseline = baseline if baseline is not None else statistics.mean(defined)
+            delta = statistics.mean(defined) - baseline
             print(f"  {label:48s} {mean_std(values)}   {delta:+5.1f} vs {rows[0][1]}   "
                   f"[{', '.join(f'{v:.1f}' for v in values)}]")
     print(f"({time.perf_counter() - started:.0f} s)")

@@ -406,6 +406,12 @@ def _summarise(plan: Plan, tracker: tracking.Tracker, experiment_id: str, parent
         per_class = {k.rsplit('/', 1)[-1]: v for k, v in best.data.metrics.items() if k.startswith("val_target/iou/")}
         if per_class:
             print("  per-class IoU (last): " + ", ".join(f"{k} {v:.1f}" for k, v in per_class.items()))
+        for name, unit in (("dice", "%"), ("asd_mm", " mm")):  # lung tasks (chest X-rays)
+            values = {k.rsplit('/', 1)[-1]: v for k, v in best.data.metrics.items()
+                      if k.startswith(f"val_target/{name}/")}
+            if values:
+                print(f"  {name.split('_')[0].upper() if name == 'asd_mm' else 'Dice'} per lung (last): "
+                      + ", ".join(f"{k} {v:.2f}{unit}" for k, v in values.items()))
         print(f"  checkpoints: {artifacts}/best_val_target_miou.pt (best on target val) and {artifacts}/last.pt")
         print(f"  MLflow run: {best.info.run_id} (sweep run {parent}, experiment {plan.experiment!r})")
     print(f"View: {tracking.ui_command(plan.tracking_uri)}")

@@ -1,0 +1,228 @@
+"""Cluster scale, for real: a Ray head started with `ray start --head` on 127.0.0.1 and a sweep submitted to it with
+`ray job submit --working-dir .`, as on a remote cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from tests.conftest import REPOSITORY_ROOT
+from tests.platform.test_integration import runs_of
+
+pytestmark = pytest.mark.integration
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _ray(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def ray_head(subprocess_env):
+    """A head node of its own (temp dir, free ports, dashboard on loopback, Ray's token auth as Ray sets it up);
+    stopped afterwards."""
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dashboard, client = _free_ports(3)
+    env = dict(subprocess_env)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # `python` = this venv
+    env["RAY_AUTH_MODE"] = "token"
+    started = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+                   "--ray-client-server-port", str(client), "--num-cpus", "3", "--temp-dir", temp_dir,
+                   "--disable-usage-stats", env=env)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        yield env, f"http://127.0.0.1:{dashboard}"
+    finally:
+        _ray("stop", "--force", env=env, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_with_working_dir_runs_a_sweep(ray_head, tmp_path, data_root):
+    env, dashboard = ray_head
+    submitted = _ray("job", "submit", "--address", dashboard, "--working-dir", REPOSITORY_ROOT, "--",
+                     "python", "-m", "platform.sweep", "source_only", "--task", "synthetic-urban",
+                     "--num-samples", "1", "--max-steps", "4", "--eval-every", "2", "--data-root", data_root,
+                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage-path", str(tmp_path / "results"),
+                     env=env, timeout=600)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "succeeded" in (submitted.stdout + submitted.stderr).lower()
+    _, parents, children = runs_of(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert "val_target/miou" in children[0].data.metrics
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, subprocess_env):
+    """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts proxied to a local directory."""
+    import time
+    import urllib.request
+
+    (port,) = _free_ports(1)
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                              env=subprocess_env, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "mlflow-server.log").read_text()
+            time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_tracking_to_an_mlflow_server(mlflow_server, tmp_path, subprocess_env):
+    from mlflow.tracking import MlflowClient
+
+    from tests.platform.test_integration import run_cli
+
+    out = run_cli("platform.train", ["source_only", "--task", "synthetic-urban", "--max-steps", "4", "--eval-every",
+                                     "2", "--tracking-uri", mlflow_server, "--storage-path", str(tmp_path / "results")],
+                  tmp_path, subprocess_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("source_only/synthetic-urban")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 2 and len(children) == 1 and all(r.info.status == "FINISHED" for r in runs)
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "val_target/miou")] == [2, 4]
+    # the rank-0 worker uploaded the checkpoints through the server into its artifact store
+    names = {a.path for a in client.list_artifacts(children[0].info.run_id, "checkpoints")}
+    assert {"checkpoints/last.pt", "checkpoints/best_val_target_miou.pt"} <= names
+    stored = [f for _, _, files in os.walk(tmp_path / "server-artifacts") for f in files]
+    assert "last.pt" in stored
+
+
+def _statuses(database) -> dict[str, str]:
+    """Child runs' statuses by trial id, read-only (the killed driver's store may be mid-write)."""
+    import sqlite3
+
+    if not os.path.exists(database):
+        return {}
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
+            rows = connection.execute("SELECT t.value, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                                      "WHERE t.key = 'uda.trial_id'").fetchall()
+    except sqlite3.Error:
+        return {}
+    return dict(rows)
+
+
+def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path, subprocess_env):
+    import signal
+    import time
+
+    from tests.platform.test_integration import run_cli, store_args
+    from tests.conftest import python
+
+    args = ["source_only", "--task", "synthetic-urban", "--num-samples", "3", "--max-steps", "40", "--eval-every",
+            "20", "--name", "killed", *store_args(tmp_path)]
+    process = subprocess.Popen([python(), "-m", "platform.sweep", *args], cwd=tmp_path, env=subprocess_env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:
+        while "FINISHED" not in _statuses(tmp_path / "mlflow.db").values():
+            assert process.poll() is None and time.monotonic() < deadline, "no trial finished before the kill"
+            time.sleep(1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started, as when its node dies
+        process.wait(timeout=60)
+    before = _statuses(tmp_path / "mlflow.db")
+    finished_before = {t for t, s in before.items() if s == "FINISHED"}
+    _, _, children = runs_of(tmp_path)
+    steps_before = {c.data.tags["uda.trial_id"]: c.data.metrics.get("step") for c in children}
+
+    out = run_cli("platform.sweep", [*args, "--resume"], tmp_path, subprocess_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, parents, children = runs_of(tmp_path)
+    by_trial = {}
+    for child in children:
+        by_trial.setdefault(child.data.tags["uda.trial_id"], []).append(child)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(by_trial) == 3 and all(len(runs) == 1 for runs in by_trial.values())  # no duplicates
+    assert all(runs[0].info.status == "FINISHED" for runs in by_trial.values())  # nothing left RUNNING
+    for trial in finished_before:  # not rerun: the same run, no new evaluations
+        history = client.get_metric_history(by_trial[trial][0].info.run_id, "val_target/miou")
+        assert len(history) == 2 and by_trial[trial][0].data.metrics.get("step") == steps_before[trial]
+
+
+def _metric_steps(database, key: str) -> list[int]:
+    import sqlite3
+
+    if not os.path.exists(database):
+        return []
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
+            return [r[0] for r in connection.execute("SELECT step FROM metrics WHERE key = ? ORDER BY step", (key,))]
+    except sqlite3.Error:
+        return []
+
+
+def _train_worker_pids() -> list[int]:
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in listing.splitlines() if "ray::RayTrainWorker" in line]
+
+
+def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path, subprocess_env):
+    import signal
+    import time
+
+    from tests.conftest import python
+    from tests.platform.test_integration import store_args
+
+    process = subprocess.Popen([python(), "-m", "platform.train", "source_only", "--task", "synthetic-urban",
+                                "--max-steps", "200", "--eval-every", "20", "--max-failures", "1",
+                                *store_args(tmp_path)], cwd=tmp_path, env=subprocess_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = []
+    try:
+        deadline = time.monotonic() + 300
+        while not [s for s in _metric_steps(tmp_path / "mlflow.db", "val_target/miou") if s >= 40]:
+            assert process.poll() is None and time.monotonic() < deadline, "the trial did not reach step 40"
+            time.sleep(0.5)
+        killed = _train_worker_pids()
+        assert len(killed) == 1
+        os.kill(killed[0], signal.SIGKILL)
+        output, _ = process.communicate(timeout=400)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-3000:]
+    _, _, children = runs_of(tmp_path)
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    steps = _metric_steps(tmp_path / "mlflow.db", "val_target/miou")
+    # resumed from a checkpoint, not from step 0: every evaluation through the last step is there, and at most the
+    # one evaluation after the last checkpoint Ray Train had registered when the worker died is done twice
+    assert sorted(set(steps)) == list(range(20, 201, 20)) and steps == sorted(steps), steps
+    assert len(steps) - len(set(steps)) <= 1 and steps.count(20) == 1, steps
