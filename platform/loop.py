@@ -196,6 +196,10 @@ class TrialRunner:
             self.progress.stage_index += 1
             self.progress.stage_step = 0
             self.progress.last_pass_epoch = -1
+        if not self.evaluations and self.stages:
+            # restored after the last step (the process died between its final report and its exit): evaluate and
+            # report once more, so that Tune and the caller get the trial's final metrics
+            self._evaluate_and_report(self.stages[-1], {})
         return self.evaluations[-1] if self.evaluations else {}
 
     def _run_stage(self, stage: Stage, optimizer_state: Mapping[str, Any] | None) -> None:

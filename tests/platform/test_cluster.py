@@ -158,6 +158,7 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_pat
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started, as when its node dies
         process.wait(timeout=60)
+        _ray("stop", "--force", env=subprocess_env, timeout=120)  # Ray daemons outside its process group, if any
     before = _statuses(tmp_path / "mlflow.db")
     finished_before = {t for t, s in before.items() if s == "FINISHED"}
     _, _, children = runs_of(tmp_path)
