@@ -124,60 +124,6 @@ def test_tracking_to_an_mlflow_server(mlflow_server, tmp_path, subprocess_env):
     assert "last.pt" in stored
 
 
-def _statuses(database) -> dict[str, str]:
-    """Child runs' statuses by trial id, read-only (the killed driver's store may be mid-write)."""
-    import sqlite3
-
-    if not os.path.exists(database):
-        return {}
-    try:
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
-            rows = connection.execute("SELECT t.value, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                                      "WHERE t.key = 'uda.trial_id'").fetchall()
-    except sqlite3.Error:
-        return {}
-    return dict(rows)
-
-
-def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path, subprocess_env):
-    import signal
-    import time
-
-    from tests.platform.test_integration import run_cli, store_args
-    from tests.conftest import python
-
-    args = ["source_only", "--task", "synthetic-urban", "--num-samples", "3", "--max-steps", "40", "--eval-every",
-            "20", "--name", "killed", *store_args(tmp_path)]
-    process = subprocess.Popen([python(), "-m", "platform.sweep", *args], cwd=tmp_path, env=subprocess_env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 400
-    try:
-        while "FINISHED" not in _statuses(tmp_path / "mlflow.db").values():
-            assert process.poll() is None and time.monotonic() < deadline, "no trial finished before the kill"
-            time.sleep(1)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started, as when its node dies
-        process.wait(timeout=60)
-        _ray("stop", "--force", env=subprocess_env, timeout=120)  # Ray daemons outside its process group, if any
-    before = _statuses(tmp_path / "mlflow.db")
-    finished_before = {t for t, s in before.items() if s == "FINISHED"}
-    _, _, children = runs_of(tmp_path)
-    steps_before = {c.data.tags["uda.trial_id"]: c.data.metrics.get("step") for c in children}
-
-    out = run_cli("platform.sweep", [*args, "--resume"], tmp_path, subprocess_env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    client, parents, children = runs_of(tmp_path)
-    by_trial = {}
-    for child in children:
-        by_trial.setdefault(child.data.tags["uda.trial_id"], []).append(child)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(by_trial) == 3 and all(len(runs) == 1 for runs in by_trial.values())  # no duplicates
-    assert all(runs[0].info.status == "FINISHED" for runs in by_trial.values())  # nothing left RUNNING
-    for trial in finished_before:  # not rerun: the same run, no new evaluations
-        history = client.get_metric_history(by_trial[trial][0].info.run_id, "val_target/miou")
-        assert len(history) == 2 and by_trial[trial][0].data.metrics.get("step") == steps_before[trial]
-
-
 def _metric_steps(database, key: str) -> list[int]:
     import sqlite3
 
