@@ -1,3 +1,4 @@
+# Runs after test_integration.py on purpose (file order): in this session the Ctrl-C test hung whenever these ran first.
 """Cluster scale, for real: a Ray head started with `ray start --head` on 127.0.0.1 and a sweep submitted to it with
 `ray job submit --working-dir .`, as on a remote cluster."""
 
