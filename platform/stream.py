@@ -140,10 +140,8 @@ def decode_sample(row: dict, num_classes: int, size: tuple[int, int] | None, fli
         present = torch.zeros(num_classes)
         present[list(row["image_labels"])] = 1
         sample["image_labels"] = present
-    if size is not None and tuple(image.shape[-2:]) != tuple(size):
-        sample["image"] = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-        if "label" in sample and resize_label:
-            sample["label"] = F.interpolate(sample["label"][None, None].float(), size=size, mode="nearest")[0, 0].long()
+    if size is not None:
+        _resize_sample(sample, size, resize_label)
     if flip:
         sample["image"] = sample["image"].flip(-1)
         if "label" in sample:

@@ -120,11 +120,21 @@ def test_ctrl_c_leaves_no_run_running(tmp_path, subprocess_env):
     assert "Continue: python -m platform.sweep source_only" in output
 
 
-def _metric_logged(database, key: str) -> bool:
+def metric_steps(database, key: str) -> list[int]:
     """Read-only poll of a store that another process is still creating (an MlflowClient here would race it to
-    create the schema)."""
+    create the schema): the steps at which `key` was logged, in order."""
     if not os.path.exists(database):
-        return False
+        return []
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
+            return [row[0] for row in connection.execute("SELECT step FROM metrics WHERE key = ? ORDER BY step",
+                                                         (key,))]
+    except sqlite3.Error:
+        return []
+
+
+def _metric_logged(database, key: str) -> bool:
+    return bool(metric_steps(database, key))
     try:
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
             return connection.execute("SELECT count(*) FROM metrics WHERE key = ?", (key,)).fetchone()[0] > 0

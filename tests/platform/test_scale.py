@@ -14,7 +14,7 @@ import tempfile
 import pytest
 
 from tests.conftest import REPOSITORY_ROOT
-from tests.platform.test_integration import runs_of
+from tests.platform.test_integration import metric_steps, runs_of
 
 pytestmark = pytest.mark.integration
 
@@ -125,18 +125,6 @@ def test_tracking_to_an_mlflow_server(mlflow_server, tmp_path, subprocess_env):
     assert "last.pt" in stored
 
 
-def _metric_steps(database, key: str) -> list[int]:
-    import sqlite3
-
-    if not os.path.exists(database):
-        return []
-    try:
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
-            return [r[0] for r in connection.execute("SELECT step FROM metrics WHERE key = ? ORDER BY step", (key,))]
-    except sqlite3.Error:
-        return []
-
-
 def _train_worker_pids() -> list[int]:
     listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [int(line.split(None, 1)[0]) for line in listing.splitlines() if "ray::RayTrainWorker" in line]
@@ -156,7 +144,7 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path, subprocess_
     killed = []
     try:
         deadline = time.monotonic() + 300
-        while not [s for s in _metric_steps(tmp_path / "mlflow.db", "val_target/miou") if s >= 40]:
+        while not [s for s in metric_steps(tmp_path / "mlflow.db", "val_target/miou") if s >= 40]:
             assert process.poll() is None and time.monotonic() < deadline, "the trial did not reach step 40"
             time.sleep(0.5)
         killed = _train_worker_pids()
@@ -169,7 +157,7 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path, subprocess_
     assert process.returncode == 0, output[-3000:]
     _, _, children = runs_of(tmp_path)
     assert len(children) == 1 and children[0].info.status == "FINISHED"
-    steps = _metric_steps(tmp_path / "mlflow.db", "val_target/miou")
+    steps = metric_steps(tmp_path / "mlflow.db", "val_target/miou")
     # resumed from a checkpoint, not from step 0: every evaluation through the last step is there, and at most the
     # one evaluation after the last checkpoint Ray Train had registered when the worker died is done twice
     assert sorted(set(steps)) == list(range(20, 201, 20)) and steps == sorted(steps), steps
