@@ -15,7 +15,7 @@ from PIL import Image
 
 from platform import converters, data
 from platform.converters import ConversionError
-from platform.datasets import decode_png, read_manifest, split_files
+from platform.datasets import decode_array, read_manifest, split_files
 from platform.stream import eval_batches
 
 RNG = np.random.default_rng(0)
@@ -64,7 +64,8 @@ def _convert(dataset, source, out, **kwargs):
     return data.convert(dataset, str(source), str(out), progress=False, workers=1, **kwargs)
 
 
-def test_gta5_round_trip_and_size_mismatch_is_reported_not_misaligned(tmp_path, capsys):
+@pytest.mark.parametrize("codec", ["zstd", "png"])
+def test_gta5_round_trip_and_size_mismatch_is_reported_not_misaligned(tmp_path, capsys, codec):
     expected = {}
     for index, (h, w) in enumerate([(12, 20), (12, 20), (10, 16)]):
         stem = f"{index + 1:05d}"
@@ -72,12 +73,14 @@ def test_gta5_round_trip_and_size_mismatch_is_reported_not_misaligned(tmp_path, 
         _png(tmp_path / "gta5" / "images" / f"{stem}.png", image)
         _png(tmp_path / "gta5" / "labels" / f"{stem}.png", labels if index < 2 else labels[:-1])  # 00003 mismatched
         expected[stem] = (image, _train_ids(labels))
-    manifest = _convert("gta5", tmp_path / "gta5", tmp_path / "out" / "gta5")
+    manifest = _convert("gta5", tmp_path / "gta5", tmp_path / "out" / "gta5", codec=codec)
     rows = _rows(str(tmp_path / "out" / "gta5"), "train")
     assert set(rows) == {"00001", "00002"}
+    assert manifest.source["codec"] == codec
     for stem, row in rows.items():
-        assert np.array_equal(decode_png(row["image"]), expected[stem][0])
-        assert np.array_equal(decode_png(row["label"]), expected[stem][1])
+        assert row["image"].startswith(b"UDAZ" if codec == "zstd" else b"\x89PNG")
+        assert np.array_equal(decode_array(row["image"]), expected[stem][0])
+        assert np.array_equal(decode_array(row["label"]), expected[stem][1])
     assert manifest.skipped == [{"id": "00003", "split": "train", "reason": "image 16x10 but label 16x9"}]
     assert "skipped train/00003: image 16x10 but label 16x9" in capsys.readouterr().err
     assert manifest.label_map == "cityscapes-trainIds" and manifest.num_classes == 19
@@ -100,7 +103,7 @@ def test_synthia_16bit_multichannel_labels_and_lanemarking_option(tmp_path, lane
     row = _rows(str(tmp_path / f"synthia-{lanemarking}"), "train")["0000000"]
     mapping = {**converters.SYNTHIA_TO_TRAIN_ID, 22: lane_train_id}
     expected = np.vectorize(lambda c: mapping.get(int(c), 255))(classes).astype(np.uint8)
-    assert np.array_equal(decode_png(row["label"]), expected)
+    assert np.array_equal(decode_array(row["label"]), expected)
     assert manifest.label_map == f"synthia-to-cityscapes-trainIds(lanemarking={lanemarking})"
 
 
@@ -121,8 +124,8 @@ def test_cityscapes_round_trip_uses_the_official_table(tmp_path):
     assert set(manifest.splits) == {"train", "val"}
     for (split, stem), (image, labels) in expected.items():
         row = _rows(str(tmp_path / "cityscapes"), split)[stem]
-        assert np.array_equal(decode_png(row["image"]), image)
-        assert np.array_equal(decode_png(row["label"]), _train_ids(labels))
+        assert np.array_equal(decode_array(row["image"]), image)
+        assert np.array_equal(decode_array(row["label"]), _train_ids(labels))
 
 
 def test_nthu_train_has_no_labels_and_test_keeps_train_ids(tmp_path):
@@ -136,8 +139,8 @@ def test_nthu_train_has_no_labels_and_test_keeps_train_ids(tmp_path):
     _convert("nthu", root, tmp_path / "nthu-rome")
     train = _rows(str(tmp_path / "nthu-rome"), "train")
     assert set(train) == {"a", "b"} and all(r["label"] is None for r in train.values())
-    assert np.array_equal(decode_png(train["b"]["image"]), np.asarray(Image.open(root / "Images" / "Train" / "b.jpg")))
-    assert np.array_equal(decode_png(_rows(str(tmp_path / "nthu-rome"), "test")["c"]["label"]), labels)
+    assert np.array_equal(decode_array(train["b"]["image"]), np.asarray(Image.open(root / "Images" / "Train" / "b.jpg")))
+    assert np.array_equal(decode_array(_rows(str(tmp_path / "nthu-rome"), "test")["c"]["label"]), labels)
 
 
 def test_endoscopy_generic_layout_with_image_level_labels(tmp_path):
@@ -155,7 +158,7 @@ def test_endoscopy_generic_layout_with_image_level_labels(tmp_path):
     assert train["u1"]["image_labels"] == [0, 1] and train["u2"]["image_labels"] == [0]
     assert train["u1"]["label"] is None
     test = _rows(str(tmp_path / "endoscopy-enteroscope"), "test")["x1"]
-    assert np.array_equal(decode_png(test["label"]), mask) and test["image_labels"] == [0, 1]
+    assert np.array_equal(decode_array(test["label"]), mask) and test["image_labels"] == [0, 1]
 
 
 def test_montgomery_lungs_resized_with_per_image_spacing(tmp_path):
@@ -171,7 +174,7 @@ def test_montgomery_lungs_resized_with_per_image_spacing(tmp_path):
     manifest = _convert("montgomery", root, tmp_path / "montgomery", options={"size": 32})
     assert {s: i.count for s, i in manifest.splits.items()} == {"train": 7, "val": 1, "test": 2}
     row = next(iter(_rows(str(tmp_path / "montgomery"), "train").values()))
-    label = decode_png(row["label"])
+    label = decode_array(row["label"])
     expected = np.zeros((40, 48), np.uint8)
     expected[5:30, 28:40], expected[5:30, 6:20] = 1, 2
     assert np.array_equal(label, np.asarray(Image.fromarray(expected).resize((32, 32), Image.NEAREST)))
@@ -195,10 +198,10 @@ def test_jsrt_big_endian_raw_and_scr_gif_masks_in_folders_with_spaces(tmp_path):
     row = next(iter(next(iter(_rows(str(tmp_path / "jsrt"), s) for s in manifest.splits)).values()))
     expected_image = np.asarray(Image.fromarray(converters.jsrt_preprocess(raw.astype(np.uint16))).resize(
         (64, 64), Image.BILINEAR))
-    assert np.array_equal(decode_png(row["image"]), expected_image)
+    assert np.array_equal(decode_array(row["image"]), expected_image)
     label = np.zeros((1024, 1024), np.uint8)
     label[masks["left lung"] > 0], label[masks["right lung"] > 0] = 1, 2
-    assert np.array_equal(decode_png(row["label"]), np.asarray(Image.fromarray(label).resize((64, 64), Image.NEAREST)))
+    assert np.array_equal(decode_array(row["label"]), np.asarray(Image.fromarray(label).resize((64, 64), Image.NEAREST)))
     assert row["spacing_mm"] == pytest.approx([0.175 * 2048 / 64] * 2)
     inverted = converters.jsrt_preprocess(np.array([[0, 4095, 9999]], dtype=np.uint16))
     assert inverted[0, 0] > inverted[0, 1] == inverted[0, 2]  # inverted and clipped at 4095

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from platform import synthetic, tasks
-from platform.datasets import SCHEMA, DatasetNotFoundError, decode_png, read_manifest, split_files
-from platform.stream import Augment, Policy, TrainStream, augment_sample, eval_batches, row_groups
+from platform.datasets import SCHEMA, DatasetNotFoundError, decode_array, encode_array, read_manifest, split_files
+from platform.stream import Augment, Policy, TrainStream, augment_sample, decode_row, eval_batches, finish, row_groups
 
 
 def test_synthetic_samples_are_deterministic_and_seed_dependent():
@@ -41,7 +41,7 @@ def test_endoscopy_has_image_level_labels_and_lesion_free_images(data_root):
     assert all(l is not None for l in labels)
     assert 0.2 < sum(l == [0] for l in labels) / len(labels) < 0.5
     for image_labels, png in zip(labels[:50], table.column("label").to_pylist()[:50]):
-        assert (1 in image_labels) == bool((decode_png(png) == 1).any())
+        assert (1 in image_labels) == bool((decode_array(png) == 1).any())
 
 
 def test_shards_follow_the_schema_and_the_manifest(data_root):
@@ -146,6 +146,35 @@ def test_a_crop_larger_than_the_image_pads_labels_with_ignore():
     assert sample["image"].shape == (3, 8, 12)
     assert (sample["label"][6:] == 255).all() and (sample["label"][:, 10:] == 255).all()
     assert (sample["image"][:, 6:] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (5, 7, 1)])
+@pytest.mark.parametrize("codec", ["png", "zstd"])
+def test_codecs_round_trip_uint8_arrays_exactly(codec, shape):
+    array = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    if codec == "png" and len(shape) == 3 and shape[2] == 1:
+        array = array[..., 0]  # PNG stores grey as 2-D
+    assert np.array_equal(decode_array(encode_array(array, codec)), array)
+
+
+def test_unknown_codec_and_non_uint8_arrays_are_refused():
+    with pytest.raises(ValueError, match="unknown codec 'jpeg'; choose one of png, zstd"):
+        encode_array(np.zeros((2, 2), np.uint8), "jpeg")
+    with pytest.raises(ValueError, match="only uint8"):
+        encode_array(np.zeros((2, 2), np.int64), "zstd")
+
+
+def test_uint8_resize_is_within_one_grey_level_of_float_resize():
+    image = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    label = np.random.default_rng(2).integers(0, 19, (37, 53), dtype=np.uint8)
+    row = {"image": encode_array(image, "zstd"), "label": encode_array(label, "zstd")}
+    fast = finish(augment_sample(decode_row(row, 19), Policy(size=(20, 30)), Augment()))
+    float_image = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
+    reference = torch.nn.functional.interpolate(float_image, size=(20, 30), mode="bilinear", align_corners=False)[0]
+    assert fast["image"].dtype == torch.float32 and fast["label"].dtype == torch.int64
+    assert (fast["image"] - reference).abs().max() <= 1 / 255 + 1e-6
+    rows, columns = (torch.arange(20) * 37 // 20), (torch.arange(30) * 53 // 30)  # nearest: floor(i * in / out)
+    assert torch.equal(fast["label"], torch.from_numpy(label).long()[rows][:, columns])
 
 
 def test_resize_then_random_scale_keep_labels_as_class_ids():
