@@ -77,6 +77,8 @@ def build_parser(single: bool) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (data parallel)")
     parser.add_argument("--cpus-per-worker", type=int, default=1)
     parser.add_argument("--gpus-per-worker", type=float, default=0)
+    parser.add_argument("--sync-batchnorm", action="store_true",
+                        help="batch-norm statistics over all workers of a trial (GPU workers only)")
     parser.add_argument("--max-failures", type=int, default=0, help="retries of a trial's workers from checkpoint")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
     parser.add_argument("--storage-path", help=f"Ray results and checkpoints (default {config.DEFAULT_STORAGE})")
@@ -114,6 +116,9 @@ def make_plan(args: argparse.Namespace, single: bool) -> Plan:
             raise UsageError(f"{flag} must be >= {minimum} (got {value})")
     if args.gpus_per_worker < 0:
         raise UsageError(f"--gpus-per-worker must be >= 0 (got {args.gpus_per_worker})")
+    if args.sync_batchnorm and args.gpus_per_worker <= 0:
+        raise UsageError("--sync-batchnorm needs GPU workers (torch's SyncBatchNorm is CUDA-only): add "
+                         "--gpus-per-worker 1, or drop it (CPU workers then normalise with their own batch)")
     if single:
         sweep = Sweep("grid", ({},), (args.seed,), 1)
     else:
@@ -302,6 +307,7 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
         storage_path=os.path.join(plan.storage_path, plan.name, "train"), sweep_name=plan.name,
         workers=plan.args.workers, cpus_per_worker=plan.args.cpus_per_worker,
         gpus_per_worker=plan.args.gpus_per_worker, max_failures=plan.args.max_failures,
+        sync_batchnorm=plan.args.sync_batchnorm,
         tracking_uri=plan.tracking_uri, experiment_id=experiment_id, parent_run_id=parent, code_version=code,
         fingerprints=fingerprints, defaults=config.hyperparams_dict(resolved.method, resolved.base))
     trainable = tune.with_resources(tune.with_parameters(tuning.run_trial, template=template),

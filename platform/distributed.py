@@ -5,7 +5,11 @@ discriminators, critics, generators), some forward passes feed two losses, and s
 DDP wraps one module with one forward per backward. Averaging the gradients of each optimiser's parameters right
 before its `step()` (an optimiser step pre-hook) synchronises every trained module of every method, whatever its
 step looks like, with the same arithmetic as DDP (gradient mean over workers).
-Batch norm: each worker normalises with its own batch statistics (DDP's default); see docs/architecture.md.
+Batch norm: by default each worker normalises with its own batch statistics (DDP's default), so N workers at batch
+B/N match one worker at batch B only where batch norm is frozen (the DeepLab-v2 recipe) or absent.
+`--sync-batchnorm` replaces every trained batch norm with torch's SyncBatchNorm (statistics over the global batch);
+torch implements it for GPU tensors only, so the option requires GPU workers. Frozen batch norms (eval mode, running
+statistics) are left alone: they compute the same thing on every worker.
 """
 
 from __future__ import annotations
@@ -17,6 +21,17 @@ import torch.distributed as dist
 from torch import nn
 
 from methods.contract import Optim
+
+
+def sync_batchnorm(modules: nn.Module) -> nn.Module:
+    """Every batch norm whose affine parameters train becomes a SyncBatchNorm with the same state."""
+    for name, child in list(modules.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.weight is not None \
+                and child.weight.requires_grad:
+            setattr(modules, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        else:
+            sync_batchnorm(child)
+    return modules
 
 
 def world_size() -> int:
@@ -47,23 +62,31 @@ def synchronise_gradients(optims: Iterable[Optim]) -> None:
         optim.optimizer.register_step_pre_hook(_average_gradients)
 
 
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """NCCL reduces CUDA tensors only: CPU tensors (confusion matrices, loss means) travel through the GPU."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    reduced = tensor.to(_comm_device(tensor), copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(tensor.device)
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate along dim 0 the tensors of all workers (their first dimensions may differ), in rank order."""
     if world_size() == 1:
         return tensor
-    sizes = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    device = _comm_device(tensor)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=device))
     longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)]).to(tensor.device)

@@ -53,6 +53,7 @@ class TrialSpec:
     log_every: int = 10
     eval_batch_size: int = 16
     threads: int = 1  # torch intra-op threads per worker (= CPUs per worker)
+    sync_batchnorm: bool = False  # batch statistics over all workers (GPU workers only; see platform/distributed.py)
     tags: Mapping[str, str] = field(default_factory=dict)  # extra context for checkpoint sidecars
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,7 +170,10 @@ class TrialRunner:
         self.device = session.device
         torch.set_num_threads(max(1, spec.threads))
         torch.manual_seed(spec.seed)
-        self.modules = self.method.build(self.hp, self.info).to(self.device)
+        self.modules = self.method.build(self.hp, self.info)
+        if spec.sync_batchnorm:
+            self.modules = distributed.sync_batchnorm(self.modules)
+        self.modules = self.modules.to(self.device)
         distributed.broadcast_parameters(self.modules)
         self.state: dict[str, Any] = self.method.init_state(self.hp, self.info)
         self.stages = self.method.stages(self.hp)
@@ -231,8 +235,10 @@ class TrialRunner:
             self.progress.global_step += 1
             self._record_losses(losses)
             step = self.progress.global_step
-            if self.logger and step % self.spec.log_every == 0:
-                self.logger.log_metrics(self._drain(self._loss_window), step)
+            if step % self.spec.log_every == 0:
+                averages = self._drain(self._loss_window)  # every rank drains: the mean over workers is collective
+                if self.logger:
+                    self.logger.log_metrics(averages, step)
             if step % self.spec.eval_every == 0 or self.progress.stage_step == steps:
                 self._evaluate_and_report(stage, optims)
 
@@ -416,8 +422,12 @@ class TrialRunner:
             self._loss_window.setdefault(f"train/{name}", []).append(value)
             self._report_window.setdefault(f"train/{name}", []).append(value)
 
-    @staticmethod
-    def _drain(window: dict[str, list[float]]) -> dict[str, float]:
-        averages = {name: sum(values) / len(values) for name, values in window.items() if values}
+    def _drain(self, window: dict[str, list[float]]) -> dict[str, float]:
+        """Mean of each loss over the window and over all workers (the loss of the global batch, like one worker
+        at the global batch size would log it)."""
+        names = sorted(name for name, values in window.items() if values)
+        local = torch.tensor([sum(window[n]) / len(window[n]) for n in names], dtype=torch.float64,
+                             device=self.device)  # NCCL reduces CUDA tensors only
         window.clear()
-        return averages
+        means = distributed.all_reduce_sum(local) / distributed.world_size()
+        return dict(zip(names, means.cpu().tolist()))

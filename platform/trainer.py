@@ -100,7 +100,8 @@ def build_trainer(method: str, task: str | None = None, *, overrides: Mapping[st
                   max_steps: int | None = None, eval_every: int | None = None, workers: int = 1,
                   cpus_per_worker: int = 1, gpus_per_worker: float = 0, data_root: str | None = None,
                   storage_path: str | None = None, name: str | None = None,
-                  tracking: Mapping[str, str] | None = None, max_failures: int = 0) -> TorchTrainer:
+                  tracking: Mapping[str, str] | None = None, max_failures: int = 0,
+                  sync_batchnorm: bool = False) -> TorchTrainer:
     """A ready TorchTrainer running `method` on `task` (default: the method's default task).
 
     `overrides` are Hyperparams field values on top of the search space's per-task defaults; everything is validated
@@ -113,7 +114,7 @@ def build_trainer(method: str, task: str | None = None, *, overrides: Mapping[st
     tasks.prepare(resolved.task, data_root)
     spec = TrialSpec(method=resolved.method.name, task=resolved.task.name, hyperparams=dict(resolved.base),
                      seed=seed, max_steps=resolved.max_steps, eval_every=resolved.eval_every, data_root=data_root,
-                     threads=cpus_per_worker)
+                     threads=cpus_per_worker, sync_batchnorm=sync_batchnorm)
     name = name or f"{resolved.method.name}-{resolved.task.name}-seed{seed}"
     return trainer_for_spec(spec, name=name, storage_path=os.path.abspath(storage_path or config_module.DEFAULT_STORAGE),
                             workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,

@@ -47,6 +47,7 @@ class TrialTemplate:
     cpus_per_worker: int
     gpus_per_worker: float
     max_failures: int
+    sync_batchnorm: bool
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -94,7 +95,8 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
                                  {**tags, "uda.sweep": template.sweep_name})
     spec = TrialSpec(method=template.method, task=template.task, hyperparams=hp, seed=seed,
                      max_steps=template.max_steps, eval_every=template.eval_every, data_root=template.data_root,
-                     threads=template.cpus_per_worker, tags={"mlflow_run_id": run_id, "trial_id": trial_id})
+                     threads=template.cpus_per_worker, sync_batchnorm=template.sync_batchnorm,
+                     tags={"mlflow_run_id": run_id, "trial_id": trial_id})
     trainer = trainer_for_spec(
         spec, name=trial_id, storage_path=template.storage_path,
         workers=template.workers, cpus_per_worker=template.cpus_per_worker,

@@ -231,6 +231,8 @@ def tiny(info: TaskInfo, backbone_weights: str = "", freeze_bn: bool = False) ->
     if backbone_weights:
         raise ValueError("the tiny architecture has no pretrained weights; leave backbone_weights empty")
     encoder = TinyEncoder(info.in_channels)
+    if freeze_bn:
+        freeze_batchnorm(encoder)
     return Segmenter(encoder, PixelClassifier(TinyEncoder.out_channels, info.num_classes),
                      TinyEncoder.out_channels, TinyEncoder.output_stride, info.in_channels)
 
