@@ -1,12 +1,20 @@
-"""Helpers shared by the benchmarks: one in-process training run, several in parallel processes."""
+"""Helpers shared by the benchmarks: one in-process training run, several in parallel processes, the train command."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Mapping, Sequence
 
+from mlflow.tracking import MlflowClient
+
+import _bootstrap
 import search_spaces
 from platform import tasks
 from platform.loop import LocalSession, TrialRunner, TrialSpec
@@ -42,3 +50,28 @@ def mean_std(values: Sequence[float]) -> str:
     spread = statistics.stdev(defined) if len(defined) > 1 else 0.0
     missing = f" ({len(values) - len(defined)} undefined)" if len(defined) < len(values) else ""
     return f"{statistics.mean(defined):5.1f} ± {spread:4.1f}{missing}"
+
+
+def train_command(method: str, task: str, steps: int, eval_every: int, data_root: str,
+                  extra: Sequence[str] = ()) -> dict[str, float]:
+    """`python -m platform.train` as a user runs it, in a scratch directory with its own MLflow store. Returns the
+    whole command's seconds, the trial's MLflow run duration, the worker loop's own time (`time/elapsed_s`) and the
+    final target mIoU."""
+    with tempfile.TemporaryDirectory(prefix="uda-bench-") as scratch:
+        store = f"sqlite:///{scratch}/mlflow.db"
+        env = dict(os.environ, PYTHONPATH=_bootstrap.ROOT, UDA_DATA_ROOT=data_root)
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "platform.train", method, "--task", task, "--max-steps", str(steps),
+                              "--eval-every", str(eval_every), "--tracking-uri", store,
+                              "--storage-path", f"{scratch}/results", *extra], cwd=scratch, env=env,
+                             capture_output=True, text=True)
+        command = time.perf_counter() - started
+        if out.returncode != 0:
+            raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+        client = MlflowClient(store)
+        experiment = client.get_experiment_by_name(f"{method}/{task}")
+        child = next(r for r in client.search_runs([experiment.experiment_id])
+                     if "mlflow.parentRunId" in r.data.tags)
+        elapsed = client.get_metric_history(child.info.run_id, "time/elapsed_s")
+        return {"command": command, "trial": (child.info.end_time - child.info.start_time) / 1000,
+                "loop": max(m.value for m in elapsed), "miou": child.data.metrics["val_target/miou"]}

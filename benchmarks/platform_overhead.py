@@ -25,10 +25,10 @@ import tempfile
 import time
 
 import torch
-from mlflow.tracking import MlflowClient
 
 import methods
 import search_spaces
+from common import train_command
 from methods.contract import Batch, StepContext
 from platform import tasks
 from platform.datasets import split_files
@@ -89,24 +89,7 @@ def bare_loop(steps: int, eval_every: int, data_root: str) -> tuple[float, float
 
 
 def platform_run(steps: int, eval_every: int, data_root: str) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="uda-overhead-") as scratch:
-        store = f"sqlite:///{scratch}/mlflow.db"
-        env = dict(os.environ, PYTHONPATH=REPOSITORY_ROOT, UDA_DATA_ROOT=data_root)
-        started = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "platform.train", "source_only", "--task", "synthetic-urban",
-                              "--max-steps", str(steps), "--eval-every", str(eval_every), "--tracking-uri", store,
-                              "--storage-path", f"{scratch}/results"], cwd=scratch, env=env, capture_output=True,
-                             text=True)
-        command = time.perf_counter() - started
-        if out.returncode != 0:
-            raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
-        client = MlflowClient(store)
-        experiment = client.get_experiment_by_name("source_only/synthetic-urban")
-        child = next(r for r in client.search_runs([experiment.experiment_id])
-                     if "mlflow.parentRunId" in r.data.tags)
-        elapsed = client.get_metric_history(child.info.run_id, "time/elapsed_s")
-        return {"command": command, "trial": (child.info.end_time - child.info.start_time) / 1000,
-                "loop": max(m.value for m in elapsed), "miou": child.data.metrics["val_target/miou"]}
+    return train_command("source_only", "synthetic-urban", steps, eval_every, data_root)
 
 
 def main(argv: list[str] | None = None) -> None:

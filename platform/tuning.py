@@ -47,13 +47,13 @@ class TrialTemplate:
     cpus_per_worker: int
     gpus_per_worker: float
     max_failures: int
-    sync_batchnorm: bool
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     code_version: str
     fingerprints: Mapping[str, str]
     defaults: Mapping[str, Any]  # the method's paper defaults (to record every hyperparameter as a param)
+    sync_batchnorm: bool = False  # a default, so that `--resume` of a sweep pickled before this field still loads
 
 
 def trial_label(config: Mapping[str, Any], swept: tuple[str, ...]) -> str:
