@@ -90,6 +90,8 @@ def build_parser(single: bool) -> argparse.ArgumentParser:
     parser.add_argument("--name", help="sweep name (default: METHOD-TASK-MODE-TIMESTAMP); reuse it with --resume")
     parser.add_argument("--resume", action="store_true", help="continue the sweep --name (or the latest sweep of "
                                                               "this method and task) without rerunning finished trials")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="with --resume: run the sweep's failed trials again from scratch (e.g. after a fix)")
     return parser
 
 
@@ -130,6 +132,8 @@ def make_plan(args: argparse.Namespace, single: bool) -> Plan:
     storage = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
     name = args.name or (None if args.resume else
                          f"{resolved.method.name}-{resolved.task.name}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if getattr(args, "retry_failed", False) and not args.resume:
+        raise UsageError("--retry-failed applies to --resume only: add --resume (and --name of the sweep)")
     if args.resume and name is None:
         name = _latest_sweep(storage, f"{resolved.method.name}-{resolved.task.name}-")
     return Plan(resolved=resolved, sweep=sweep, args=args,
@@ -320,7 +324,7 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
     try:
         if plan.args.resume and tune.Tuner.can_restore(experiment_path):
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+                                       resume_errored=False, restart_errored=plan.args.retry_failed)
         else:
             tuner = tune.Tuner(
                 trainable,

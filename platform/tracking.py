@@ -111,6 +111,9 @@ class Tracker:
             max_results=1)
         if existing:
             run_id = existing[0].info.run_id
+            for tag in (REASON_TAG, NOTE_TAG):  # a failed trial run again: its old failure no longer describes it
+                if tag in existing[0].data.tags:
+                    self.client.delete_tag(run_id, tag)
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run = self.client.create_run(experiment_id, run_name=name,
