@@ -305,6 +305,10 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
                                      artifacts={"sweep.json": json.dumps(_sweep_definition(plan), indent=2, default=str)})
     else:
         tracker.client.update_run(parent, status="RUNNING")
+        if plan.args.retry_failed:  # Tune runs them again as new trials (new ids, new MLflow runs)
+            for run in tracker.children(experiment_id, parent):
+                if run.info.status == "FAILED":
+                    tracker.client.set_tag(run.info.run_id, tracking.RETRIED_TAG, "run again by --retry-failed")
     template = tuning.TrialTemplate(
         method=resolved.method.name, task=resolved.task.name, base=dict(resolved.base), max_steps=resolved.max_steps,
         eval_every=resolved.eval_every, data_root=plan.data_root,
@@ -397,7 +401,7 @@ def _sweep_definition(plan: Plan) -> dict[str, Any]:
 
 def _summarise(plan: Plan, tracker: tracking.Tracker, experiment_id: str, parent: str, results: Any,
                status: str) -> None:
-    runs = tracker.children(experiment_id, parent)
+    runs = [r for r in tracker.children(experiment_id, parent) if tracking.RETRIED_TAG not in r.data.tags]
     finished = [r for r in runs if r.info.status == "FINISHED"]
     failed = [r for r in runs if r.info.status == "FAILED"]
     print(f"\nSweep {plan.name}: {status}. {len(finished)} trial(s) finished, {len(failed)} failed, "

@@ -34,6 +34,7 @@ SWEEP_TAG = "uda.sweep"
 TRIAL_TAG = "uda.trial_id"
 REASON_TAG = "uda.failure_reason"
 NOTE_TAG = "mlflow.note.content"
+RETRIED_TAG = "uda.retried"  # a failed trial run again as a new trial by `--resume --retry-failed`
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
 
 
