@@ -134,6 +134,8 @@ def make_plan(args: argparse.Namespace, single: bool) -> Plan:
                          f"{resolved.method.name}-{resolved.task.name}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     if getattr(args, "retry_failed", False) and not args.resume:
         raise UsageError("--retry-failed applies to --resume only: add --resume (and --name of the sweep)")
+    if args.resume and args.name and "://" not in storage and not os.path.isdir(os.path.join(storage, args.name)):
+        raise UsageError(f"--resume: no sweep named {args.name!r} under {storage} (check --name and --storage-path)")
     if args.resume and name is None:
         name = _latest_sweep(storage, f"{resolved.method.name}-{resolved.task.name}-")
     return Plan(resolved=resolved, sweep=sweep, args=args,

@@ -25,6 +25,7 @@ CASES = [
     (["source_only", "--max-steps", "0"], "--max-steps must be >= 1"),
     (["source_only", "--workers", "0"], "--workers must be >= 1"),
     (["source_only", "--retry-failed"], "--retry-failed applies to --resume only"),
+    (["source_only", "--resume", "--name", "nosuch"], "--resume: no sweep named 'nosuch' under"),
     (["source_only", "--workers", "2", "--sync-batchnorm"], "--sync-batchnorm needs GPU workers"),
     (["source_only", "--search", "grid"], "argument --search: invalid choice: 'grid'"),
     (["source_only", "--frobnicate"], "unrecognized arguments: --frobnicate"),
