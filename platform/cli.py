@@ -128,8 +128,7 @@ def make_plan(args: argparse.Namespace, single: bool) -> Plan:
         sweep = config.plan_sweep(resolved, args.grid, args.search, args.num_samples, seeds, list(overrides),
                                   sampling_seed=seeds[0])
     mode = "train" if single else (f"grid-{sweep.grid_name}" if sweep.mode == "grid" else sweep.mode)
-    storage = args.storage_path or config.DEFAULT_STORAGE
-    storage = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+    storage = _storage(args)
     name = args.name or (None if args.resume else
                          f"{resolved.method.name}-{resolved.task.name}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     if getattr(args, "retry_failed", False) and not args.resume:
@@ -258,9 +257,66 @@ def _minutes(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------- run
 
 
+# What a resumed sweep may change: where it runs and logs, and whether failed trials run again. Everything else is
+# the sweep's own (saved next to Tune's state when it starts) so that resumed trials continue as they began.
+RESUME_MAY_CHANGE = ("resume", "retry_failed", "name", "storage_path", "tracking_uri", "address")
+SAVED_ARGS = "uda-sweep-args.json"
+
+
+def _storage(args: argparse.Namespace) -> str:
+    storage = args.storage_path or config.DEFAULT_STORAGE
+    return storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+
+
+def _sweep_file(storage: str, name: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if "://" in storage:
+        filesystem, root = pafs.FileSystem.from_uri(storage)
+    else:
+        filesystem, root = pafs.LocalFileSystem(), storage
+    return filesystem, f"{root}/{name}/{SAVED_ARGS}"
+
+
+def save_sweep_args(args: argparse.Namespace, storage: str, name: str) -> None:
+    filesystem, path = _sweep_file(storage, name)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(json.dumps(vars(args), indent=2, default=str).encode())
+
+
+def resume_args(args: argparse.Namespace, single: bool) -> argparse.Namespace:
+    """The arguments a sweep started with, plus what a resume may change; a conflicting setting is an error."""
+    import pyarrow.fs as pafs
+
+    storage = _storage(args)
+    resolved = config.resolve(args.method, args.task)
+    name = args.name or _latest_sweep(storage, f"{resolved.method.name}-{resolved.task.name}-")
+    filesystem, path = _sweep_file(storage, name)
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return args  # a sweep started before its settings were saved: the command line is all there is
+    with filesystem.open_input_stream(path) as stream:
+        saved = json.loads(stream.read().decode())
+    defaults = vars(build_parser(single).parse_args([args.method]))
+    given = vars(args)
+    if given.get("task") and config.resolve(saved["method"], saved.get("task")).task.name == resolved.task.name:
+        given = {**given, "task": saved.get("task")}  # --task naming the sweep's default task is no change
+    changed = [key for key, value in given.items() if key not in RESUME_MAY_CHANGE and value != defaults.get(key)
+               and value != saved.get(key)]
+    if changed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (the sweep has {saved.get(k)!r})" for k in changed)
+        raise UsageError(f"--resume continues sweep {name!r} with the settings it started with; drop {shown}, "
+                         "or start a new sweep")
+    merged = {**saved, **{key: given[key] for key in RESUME_MAY_CHANGE if key in given}}
+    merged["name"] = name
+    return argparse.Namespace(**merged)
+
+
 def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
     try:
         args = build_parser(single).parse_args(argv)
+        if args.resume:
+            args = resume_args(args, single)
         plan = make_plan(args, single)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -323,6 +379,8 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
     trainable = tune.with_resources(tune.with_parameters(tuning.run_trial, template=template),
                                     {"CPU": cluster.TRIAL_DRIVER_CPUS})
     experiment_path = os.path.join(plan.storage_path, plan.name)
+    if not plan.args.resume:
+        save_sweep_args(plan.args, plan.storage_path, plan.name)
     # Ctrl-C must reach this driver as KeyboardInterrupt: Tune's own SIGINT handler ends fit() normally and returns
     # results that look finished. Tune saves its experiment state periodically, so --resume still works.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"

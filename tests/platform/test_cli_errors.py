@@ -90,3 +90,27 @@ def test_weights_files_are_checked_before_anything_starts(tmp_path, capsys, data
     assert code == 2 and err.count("\n") == 1
     assert "cannot be loaded" in err and "missing keys: conv1.weight" in err and "unexpected keys: features.0.weight" in err
     assert not (tmp_path / "mlflow.db").exists() and not ray.is_initialized()
+
+
+def _saved_sweep(tmp_path, argv):
+    args = cli.build_parser(False).parse_args(argv)
+    cli.save_sweep_args(args, str(tmp_path / "results"), "s1")
+    return ["--resume", "--name", "s1", "--storage-path", str(tmp_path / "results")]
+
+
+def test_resume_continues_with_the_settings_the_sweep_started_with(tmp_path):
+    resume = _saved_sweep(tmp_path, ["source_only", "--max-steps", "20", "--set", "weight_decay=0.1", "--workers", "2"])
+    args = cli.resume_args(cli.build_parser(False).parse_args(["source_only", "--task", "synthetic-urban", *resume,
+                                                                "--retry-failed"]), single=False)
+    assert args.max_steps == 20 and args.overrides == ["weight_decay=0.1"] and args.workers == 2
+    assert args.resume and args.retry_failed and args.name == "s1"
+
+
+def test_resume_with_a_different_setting_is_one_line_exit_2(tmp_path, capsys):
+    resume = _saved_sweep(tmp_path, ["source_only", "--max-steps", "20"])
+    store = tmp_path / "mlflow.db"
+    code = cli.main(["source_only", *resume, "--max-steps", "30", "--tracking-uri", f"sqlite:///{store}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and not store.exists() and not ray.is_initialized()
+    assert "--resume continues sweep 's1' with the settings it started with; drop --max-steps 30 (the sweep has 20)" \
+        in err
