@@ -49,6 +49,7 @@ def ray_head(subprocess_env):
                    "--ray-client-server-port", str(client), "--num-cpus", "3", "--temp-dir", temp_dir,
                    "--disable-usage-stats", env=env)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    env["UDA_TEST_RAY_ADDRESS"] = f"127.0.0.1:{gcs}"  # for drivers that join this head with --address
     try:
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
@@ -162,3 +163,56 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path, subprocess_
     # one evaluation after the last checkpoint Ray Train had registered when the worker died is done twice
     assert sorted(set(steps)) == list(range(20, 201, 20)) and steps == sorted(steps), steps
     assert len(steps) - len(set(steps)) <= 1 and steps.count(20) == 1, steps
+
+
+def _finished_children(database) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
+            return connection.execute(
+                "SELECT COUNT(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = 'mlflow.parentRunId' AND r.status = 'FINISHED'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_head, tmp_path, data_root):
+    """The driver is SIGKILLed while trial 2 of 2 runs (trial 1 finished); `--resume` on the same cluster finishes
+    trial 2 from its checkpoint, does not run trial 1 again, and leaves no MLflow run RUNNING."""
+    import signal
+    import time
+
+    env, _ = ray_head
+    database = tmp_path / "mlflow.db"
+    common = ["--data-root", data_root, "--tracking-uri", f"sqlite:///{database}", "--storage-path",
+              str(tmp_path / "results"), "--address", env["UDA_TEST_RAY_ADDRESS"]]
+    # two workers per trial on the head's 3 CPUs: one trial at a time
+    driver = subprocess.Popen([sys.executable, "-m", "platform.sweep", "source_only", "--task", "synthetic-urban",
+                               "--num-samples", "2", "--max-steps", "12", "--eval-every", "4", "--workers", "2",
+                               "--name", "killed", *common], cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 480
+        while not (_finished_children(database) == 1 and len(metric_steps(database, "val_target/miou")) >= 4):
+            assert driver.poll() is None, "the sweep ended before it could be killed mid-way"
+            assert time.monotonic() < deadline, "trial 2 never reported while trial 1 was finished"
+            time.sleep(1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    from tests.platform.test_integration import runs_of
+
+    _, _, children = runs_of(tmp_path)
+    first = next(r for r in children if r.info.status == "FINISHED")
+    resumed = subprocess.run([sys.executable, "-m", "platform.sweep", "source_only", "--resume", "--name", "killed",
+                              *common], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client, parents, children = runs_of(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    again = next(r for r in children if r.info.run_id == first.info.run_id)
+    assert again.info.end_time == first.info.end_time  # trial 1 was not run again
+    second = next(r for r in children if r.info.run_id != first.info.run_id)
+    steps = [m.step for m in client.get_metric_history(second.info.run_id, "val_target/miou")]
+    assert steps[-1] == 12 and steps[0] == 4  # trial 2 continued to the end of its own budget
