@@ -54,3 +54,22 @@ def test_no_credentials_in_cluster_configs_or_docs():
     for name in os.listdir(CLUSTER):
         with open(os.path.join(CLUSTER, name)) as handle:
             assert not pattern.search(handle.read()), name
+
+
+def test_the_guides_sweep_commands_parse_with_the_cli():
+    """Every complete `python -m platform.sweep ...` command of the cluster guide uses options the CLI has."""
+    import shlex
+
+    from platform import cli
+
+    with open(os.path.join(CLUSTER, "README.md")) as handle:
+        text = re.sub(r"\\\n\s*", " ", handle.read())  # join shell continuation lines
+    spans = [re.sub(r"\s+", " ", span) for span in re.findall(r"`([^`]+)`", text)]  # inline code, unfolded
+    blocks = [line for line in text.splitlines() if line.startswith("    ")]  # indented code blocks
+    commands = [part.split("python -m platform.sweep ", 1)[1] for part in spans + blocks
+                if "python -m platform.sweep " in part]
+    commands = [c for c in commands if not c.strip().startswith("...")]
+    assert len(commands) >= 3
+    for command in commands:
+        argv = shlex.split(command.replace("<sweep name>", "NAME"))
+        cli.build_parser(False).parse_args(argv)  # exits (SystemExit) on an unknown option
