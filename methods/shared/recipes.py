@@ -36,6 +36,9 @@ class SegmenterRecipe:
         require(self.poly_power >= 0, f"poly_power must be >= 0 (got {self.poly_power})")
         require(self.head_lr_multiplier > 0, f"head_lr_multiplier must be > 0 (got {self.head_lr_multiplier})")
         require(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        require(not self.architecture.startswith("deeplabv3") or self.batch_size >= 2,
+                f"{self.architecture} needs batch_size >= 2 per worker: the batch norm of its image-pooling branch "
+                f"cannot train on one image (got {self.batch_size})")
 
 
 def recipe_segmenter(hp: SegmenterRecipe, info: TaskInfo) -> Segmenter:

@@ -20,6 +20,8 @@ CASES = [
     (["source_only", "--set", "lr=0.1"], "unknown hyperparameter 'lr' for source_only; valid: architecture, backbone_weights"),
     (["source_only", "--set", "learning_rate=-1"], "learning_rate must be > 0 (got -1.0)"),
     (["source_only", "--set", "batch_size=0"], "batch_size must be >= 1 (got 0)"),
+    (["source_only", "--set", "architecture=deeplabv3_resnet50", "--set", "batch_size=1"],
+     "deeplabv3_resnet50 needs batch_size >= 2 per worker"),
     (["source_only", "--set", "learning_rate"], "malformed --set 'learning_rate': expected key=value"),
     (["source_only", "--seeds", "0,x"], "malformed --seeds '0,x'"),
     (["source_only", "--max-steps", "0"], "--max-steps must be >= 1"),
