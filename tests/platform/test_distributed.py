@@ -74,6 +74,7 @@ def _train(rank: int, world_size: int, method_name: str, init_file: str, out: st
         torch.save({"losses": losses, "parameters": {k: v.detach().clone() for k, v in modules.state_dict().items()}},
                    out)
     if world_size > 1:
+        dist.barrier()  # no rank tears gloo down while another still talks to it (seen: SIGABRT at exit in CI)
         dist.destroy_process_group()
 
 
