@@ -4,7 +4,8 @@ A GTA5-like download is generated (1914x1052 RGB frames with structure and noise
 with Pillow's default compression like the official files) and converted with the real converter
 (`platform.data.convert gta5`, `--codec`, default zstd like the converter). Every reader then applies the same
 per-sample transform, the platform's own functions: decode of image and label, the gta5-cityscapes training transform
-(resize to 1280x720, random horizontal flip), and batches of `--batch-size`. All use `--workers` parallel decoders
+(resize to 1280x720, random horizontal flip), and uint8 batches of `--batch-size` (the training loop makes them float
+on its device, after the copy; that step is the same for every reader and is not timed). All use `--workers` parallel decoders
 (default: all cores):
 
 - stream: the platform's `TrainStream` over the Parquet shards (what a Ray Train worker runs);
@@ -15,7 +16,7 @@ per-sample transform, the platform's own functions: decode of image and label, t
 Ratios reported: stream ÷ folder (goal ≥ 1.5: what converting the download buys) and stream ÷ decode limit (goal
 ≥ 0.9: what the stream's plumbing costs). Start-up (first batch) is excluded from every timing.
 
-    python benchmarks/data_throughput.py [--images 48] [--batches 12] [--batch-size 4] [--workers N]
+    python benchmarks/data_throughput.py [--images 48] [--batches 36] [--batch-size 4] [--workers N]
                                          [--codec zstd|png]
 """
 
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from platform import data, tasks
 from platform.datasets import CODECS, split_files
-from platform.stream import Augment, Policy, TrainStream, augment_sample, collate, decode_row, finish
+from platform.stream import Augment, Policy, TrainStream, augment_sample, collate, decode_row
 
 HEIGHT, WIDTH = 1052, 1914
 TASK = tasks.get("gta5-cityscapes")
@@ -69,7 +70,7 @@ def generate(root: str, count: int) -> str:
 
 def _work(image: bytes, label: bytes, augment: Augment) -> dict[str, torch.Tensor]:
     """The per-sample work every reader does (the stream's own functions, so that only the plumbing differs)."""
-    return finish(augment_sample(decode_row({"image": image, "label": label}, 19), POLICY, augment))
+    return augment_sample(decode_row({"image": image, "label": label}, 19), POLICY, augment)
 
 
 class _Folder(Dataset):
@@ -122,7 +123,8 @@ def decode_limit(files: list[str], workers: int, images: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48, help="generated frames")
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per reader")
+    parser.add_argument("--batches", type=int, default=36,
+                        help="timed batches per reader (36 x 4: three passes over 48 frames)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--codec", choices=CODECS, default="zstd", help="the converter's codec for the stream")

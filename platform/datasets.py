@@ -140,7 +140,7 @@ def encode_array(array: np.ndarray, codec: str = "png") -> bytes:
 
 
 def decode_array(data: bytes) -> np.ndarray:
-    """Bytes from `encode_array` (either codec) → the uint8 array (read-only for zstd: copy before writing)."""
+    """Bytes from `encode_array` (either codec) → the uint8 array (writable for zstd, read-only for PNG)."""
     if data[:4] == _ZSTD_MAGIC:
         _, height, width, channels = _ZSTD_HEADER.unpack_from(data)
         shape = (height, width, channels) if channels else (height, width)

@@ -30,7 +30,7 @@ from methods.contract import Batch, Optim, Stage, StepContext
 from platform import checkpoints, distributed, tasks
 from platform.datasets import split_files
 from platform.metrics import LungMetrics, confusion_matrix, segmentation_metrics
-from platform.stream import Policy, TrainStream, eval_batches, row_groups
+from platform.stream import Policy, TrainStream, eval_batches, finish, row_groups
 
 PRIMARY_METRIC = "val_target/miou"
 
@@ -260,15 +260,18 @@ class TrialRunner:
         return source, target
 
     def _next_batch(self, source: Iterator[dict], target: Iterator[dict] | None) -> Batch:
-        source_batch = next(source)
+        source_batch = self._on_device(next(source))
         self.progress.source_batches += 1
         target_batch = {}
         if target is not None:
-            target_batch = next(target)
+            target_batch = self._on_device(next(target))
             self.progress.target_batches += 1
         return Batch(source_image=source_batch["image"], source_label=source_batch["label"],
-                     target_image=target_batch.get("image"),
-                     target_image_label=target_batch.get("image_labels")).to(self.device)
+                     target_image=target_batch.get("image"), target_image_label=target_batch.get("image_labels"))
+
+    def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A stream's uint8 batch → model inputs on this worker's device (converted there: 4x fewer bytes to copy)."""
+        return finish({key: value.to(self.device, non_blocking=True) for key, value in batch.items()})
 
     def _target_epoch(self) -> int:
         consumed = self.progress.stage_step * self.hp.batch_size * self.session.world_size

@@ -2,8 +2,9 @@
 
 Reading, decoding and augmentation (resize, random scale, crop, flip) of a whole batch are one task in a pool of
 threads, a few batches ahead of the training loop (zstd decompression, PIL's PNG decoder and torch's resizing release
-the GIL, and two threads scale 2x on two cores). Images stay uint8 through the transform and the batch is made float
-once; binary cells are zero-copy views into memory-mapped shards. Measured against a PNG-folder DataLoader and a pure
+the GIL, and two threads scale 2x on two cores). Images stay uint8 through the transform and are delivered as uint8:
+the training loop makes them float on its device (`finish`); binary cells are zero-copy slices of memory-mapped
+shards; the next row group is read ahead in a background thread. Measured against a PNG-folder DataLoader and a pure
 decode loop in benchmarks/data_throughput.py. Why not Ray Data: see docs/architecture.md.
 
 Order: for epoch e, the row groups of a split are permuted with a Generator seeded by (seed, e), identically on every
@@ -12,8 +13,9 @@ rows inside each group and draws its flips with a Generator seeded by (seed, e, 
 (seed, epoch, rank), so a resumed trial skips the samples it already consumed at the index level, without reading
 them, and sees exactly the batches it would have seen.
 
-Memory stays bounded whatever the dataset size: the two last row groups read, plus the batches in flight. Paths may be local or any URI that
-pyarrow's filesystems understand (s3://, gs://, hdfs://); NFS is a local path.
+Memory stays bounded whatever the dataset size: three row groups (two being decoded, one read ahead), plus the
+batches in flight. Paths may be local or any URI that pyarrow's filesystems understand (s3://, gs://, hdfs://); NFS
+is a local path.
 
 Columns: a training stream is built with the columns it may read. The target training stream is built without
 "label", so target pixel labels cannot reach a method, not even by mistake.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -136,10 +138,10 @@ def augment_sample(sample: dict[str, torch.Tensor], policy: Policy, augment: Aug
 def decode_row(row: dict, num_classes: int) -> dict[str, torch.Tensor]:
     """A Parquet row → tensors before any transform: image (C, H, W) uint8, label (H, W) uint8, image_labels (K,)
     float32, spacing_mm (2,) float64. `finish` makes them model inputs."""
-    image = torch.from_numpy(np.array(decode_array(row["image"])))  # a writable copy: the decoded buffer is read-only
+    image = _tensor(decode_array(row["image"]))
     sample = {"image": image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)}
     if row.get("label") is not None:
-        sample["label"] = torch.from_numpy(np.array(decode_array(row["label"])))
+        sample["label"] = _tensor(decode_array(row["label"]))
     if row.get("spacing_mm") is not None:
         sample["spacing_mm"] = torch.tensor(row["spacing_mm"], dtype=torch.float64)
     if row.get("image_labels") is not None:
@@ -147,6 +149,11 @@ def decode_row(row: dict, num_classes: int) -> dict[str, torch.Tensor]:
         present[list(row["image_labels"])] = 1
         sample["image_labels"] = present
     return sample
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """torch shares the array's memory; only a read-only array (PNG decoded by PIL) is copied first."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def finish(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,46 +185,99 @@ def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
 class _RowGroupReader:
     """Reads and caches the last row groups it was asked for (the memory bound); safe to share between threads.
 
-    Local shards are memory-mapped, and binary cells (image, label) are handed out as zero-copy pyarrow buffers
-    into the row group's memory rather than Python bytes: at GTA5 size, copying them cost as much as decoding.
+    A group is read once, by the first thread that asks for it, outside the lock: other threads keep decoding rows of
+    cached groups meanwhile, and those that need the group being read wait for it. `read_ahead` starts reading a group
+    in a background thread, so that the decoders find it ready. Local shards are memory-mapped, and binary cells
+    (image, label) are handed out as zero-copy slices of the row group's data buffer rather than Python bytes: at GTA5
+    size, copying them cost as much as decoding.
     """
 
     def __init__(self, columns: Sequence[str], cached_groups: int = 2):
         self.columns = list(columns)
         self.cached_groups = cached_groups
         self._files: dict[str, pq.ParquetFile] = {}
-        self._cache: dict[tuple[str, int], list[dict]] = {}
+        self._cache: dict[tuple[str, int], Future] = {}
         self._lock = threading.Lock()
+        self._ahead: ThreadPoolExecutor | None = None
 
     def rows(self, group: RowGroup) -> list[dict]:
+        entry, owner = self._entry(group)
+        if owner:
+            self._load(group, entry)
+        return entry.result()
+
+    def read_ahead(self, group: RowGroup) -> None:
+        entry, owner = self._entry(group)
+        if owner:
+            if self._ahead is None:
+                self._ahead = ThreadPoolExecutor(1, thread_name_prefix="uda-read-ahead")
+            self._ahead.submit(self._load, group, entry)
+
+    def close(self) -> None:
+        """Wait for a read in progress and stop the read-ahead thread (a later `read_ahead` starts a new one)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.shutdown(wait=True)
+
+    def _entry(self, group: RowGroup) -> tuple[Future, bool]:
+        """The group's cache entry, and whether the caller must load it (it is the first to ask)."""
         key = (group.path, group.index)
         with self._lock:
-            if key not in self._cache:
+            entry = self._cache.get(key)
+            if entry is not None:
+                return entry, False
+            while len(self._cache) >= self.cached_groups:
+                self._cache.pop(next(iter(self._cache)))  # waiting threads hold their own reference
+            entry = self._cache[key] = Future()
+            return entry, True
+
+    def _load(self, group: RowGroup, entry: Future) -> None:
+        try:
+            with self._lock:
                 if group.path not in self._files:
                     self._files[group.path] = _open(group.path)
-                try:
-                    table = self._files[group.path].read_row_group(group.index, columns=self.columns)
-                except Exception as error:  # a truncated or corrupt shard: name it
-                    raise OSError(f"cannot read row group {group.index} of {group.path}: {error}") from error
-                while len(self._cache) >= self.cached_groups:
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[key] = _table_rows(table)
-            return self._cache[key]
+                shard = self._files[group.path]
+            entry.set_result(_table_rows(shard.read_row_group(group.index, columns=self.columns)))
+        except Exception as error:  # a truncated or corrupt shard: name it (and let a later call try again)
+            with self._lock:
+                if self._cache.get((group.path, group.index)) is entry:
+                    del self._cache[(group.path, group.index)]
+            if isinstance(error, OSError) and group.path in str(error):
+                entry.set_exception(error)
+            else:
+                entry.set_exception(OSError(f"cannot read row group {group.index} of {group.path}: {error}"))
 
 
 def _table_rows(table: pa.Table) -> list[dict]:
     columns = {}
     for name in table.column_names:
-        column = table.column(name).combine_chunks()
+        column = table.column(name)
         if pa.types.is_binary(column.type):
-            columns[name] = [cell.as_buffer() for cell in column]
+            columns[name] = [cell for chunk in column.chunks for cell in _binary_cells(chunk)]
         else:
             columns[name] = column.to_pylist()
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
+def _binary_cells(chunk: pa.BinaryArray) -> list[pa.Buffer | None]:
+    """The cells of a binary array as zero-copy slices of its data buffer (None where null)."""
+    if len(chunk) == 0:
+        return []
+    _, offsets, data = chunk.buffers()
+    ends = np.frombuffer(offsets, np.int32, count=len(chunk) + 1, offset=chunk.offset * 4)
+    nulls = chunk.is_null().to_numpy(zero_copy_only=False) if chunk.null_count else np.zeros(len(chunk), bool)
+    return [None if null else data.slice(int(start), int(end - start))
+            for start, end, null in zip(ends[:-1], ends[1:], nulls)]
+
+
 class TrainStream:
-    """Infinite iterator of training batches for one rank; see the module docstring for the order."""
+    """Infinite iterator of training batches for one rank; see the module docstring for the order.
+
+    Batches come as decoded: image (B, C, H, W) uint8, label (B, H, W) uint8 (plus image_labels, spacing_mm where
+    read). The consumer moves them to its device and calls `finish` there: a quarter of the bytes to copy to a GPU, and
+    the float conversion of a whole batch (a fresh 4-byte-per-pixel allocation, page faults included) leaves the
+    decode threads.
+    """
 
     def __init__(self, files: Sequence[str], columns: Sequence[str], batch_size: int, num_classes: int, seed: int,
                  rank: int = 0, world_size: int = 1, size: tuple[int, int] | None = None, hflip: bool = False,
@@ -232,16 +292,17 @@ class TrainStream:
         self.policy = policy or Policy(size=size, hflip=hflip)
         self.start_sample = start_sample
         self.threads, self.prefetch = threads, prefetch
-        self.reader = _RowGroupReader(columns)
+        self.reader = _RowGroupReader(columns, cached_groups=3)  # the one being read ahead, two being decoded
         self.num_samples = sum(g.num_rows for g in self.groups)
 
-    def _epoch_order(self, epoch: int) -> list[tuple[RowGroup, int, Augment]]:
+    def _epoch_groups(self, epoch: int) -> list[RowGroup]:
         shared = np.random.default_rng([self.seed, epoch])
-        mine = shared.permutation(len(self.groups))[self.rank::self.world_size]
+        return [self.groups[g] for g in shared.permutation(len(self.groups))[self.rank::self.world_size]]
+
+    def _epoch_order(self, epoch: int) -> list[tuple[RowGroup, int, Augment]]:
         local = np.random.default_rng([self.seed, epoch, 1 + self.rank])
         order = []
-        for g in mine:
-            group = self.groups[g]
+        for group in self._epoch_groups(epoch):
             order.extend((group, int(r)) for r in local.permutation(group.num_rows))
         return [(group, row, augment) for (group, row), augment in zip(order, self.policy.draw(local, len(order)))]
 
@@ -255,11 +316,22 @@ class TrainStream:
             yield from order[skip:]
             skip = 0
 
+    def _group_sequence(self) -> Iterator[RowGroup]:
+        """The row groups in the order `_indices` reads them (the samples of an epoch are grouped by row group)."""
+        skip = self.start_sample
+        for epoch in itertools.count():
+            for group in self._epoch_groups(epoch):
+                if skip >= group.num_rows:
+                    skip -= group.num_rows
+                    continue
+                skip = 0
+                yield group
+
     def _batch(self, items: list[tuple[RowGroup, int, Augment]]) -> dict[str, torch.Tensor]:
-        """Read, decode and augment one batch (one pool task), stacked in uint8 and made float once."""
+        """Read, decode and augment one batch (one pool task), stacked as it was decoded (uint8)."""
         samples = [augment_sample(decode_row(self.reader.rows(group)[row], self.num_classes), self.policy, augment)
                    for group, row, augment in items]
-        return finish(collate(samples))
+        return collate(samples)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         indices = self._indices()
@@ -267,12 +339,22 @@ class TrainStream:
         if self.threads <= 1:
             for items in batches:
                 yield self._batch(items)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="uda-decode") as pool:
-            pending: deque = deque()
-            for items in batches:
-                pending.append(pool.submit(self._batch, items))
-                if len(pending) > max(self.prefetch, self.threads):
-                    yield pending.popleft().result()
+            return
+        sequence = self._group_sequence()
+        current, following = next(sequence), next(sequence)
+        try:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="uda-decode") as pool:
+                pending: deque = deque()
+                for items in batches:
+                    for group, _, _ in items:
+                        while group != current:  # this batch starts a row group: read the one after it
+                            current, following = following, next(sequence)
+                    self.reader.read_ahead(following)
+                    pending.append(pool.submit(self._batch, items))
+                    if len(pending) > max(self.prefetch, self.threads):
+                        yield pending.popleft().result()
+        finally:
+            self.reader.close()
 
 
 def eval_batches(files: Sequence[str], columns: Sequence[str], batch_size: int, num_classes: int, rank: int = 0,

@@ -82,7 +82,7 @@ def test_contract(name, data_root):
     restored = torch.load(buffer, weights_only=True)
     fresh = method.build(runner.hp, runner.info)
     fresh.load_state_dict(restored["modules"])
-    images = next(iter(runner._streams(runner.stages[-1])[0]))["image"][:2]
+    images = runner._next_batch(runner._streams(runner.stages[-1])[0], None).source_image[:2]
     runner.modules.eval()
     fresh.eval()
     last = runner.stages[-1].name

@@ -193,3 +193,78 @@ def test_threaded_decoding_gives_the_same_batches_as_serial(data_root):
         batches.append([next(stream) for _ in range(3)])
     for serial, threaded in zip(*batches):
         assert torch.equal(serial["image"], threaded["image"]) and torch.equal(serial["label"], threaded["label"])
+
+
+def test_binary_cells_are_zero_copy_slices_with_nulls_and_offsets():
+    import pyarrow as pa
+
+    from platform.stream import _binary_cells
+
+    array = pa.array([b"ab", None, b"", b"cdef", b"g"], pa.binary())
+    sliced = array.slice(1, 4)  # a non-zero offset into the offsets buffer
+    cells = _binary_cells(sliced)
+    assert [None if c is None else c.to_pybytes() for c in cells] == [None, b"", b"cdef", b"g"]
+    data = array.buffers()[2]
+    assert data.address <= cells[2].address < data.address + data.size  # a view into the array's data, no copy
+
+
+def test_stream_batches_are_uint8_and_finish_makes_model_inputs(data_root):
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    raw = next(iter(_stream(files, threads=2)))
+    assert raw["image"].dtype == torch.uint8 and raw["label"].dtype == torch.uint8
+    inputs = finish(dict(raw))
+    assert inputs["image"].dtype == torch.float32 and inputs["label"].dtype == torch.int64
+    assert torch.equal(inputs["image"], raw["image"].float() / 255)
+    assert inputs["image"].max() <= 1 and torch.equal(inputs["label"], raw["label"].long())
+
+
+def test_training_batches_reach_the_method_as_float_images_and_int64_labels(data_root):
+    from platform.loop import LocalSession, TrialRunner, TrialSpec
+
+    spec = TrialSpec(method="source_only", task="synthetic-urban", hyperparams={"architecture": "tiny"}, seed=0,
+                     max_steps=1, eval_every=1, data_root=data_root)
+    runner = TrialRunner(spec, LocalSession())
+    source, target = runner._streams(type(runner.stages[0])(**{**runner.stages[0].__dict__, "uses_target": True}))
+    batch = runner._next_batch(source, target)
+    assert batch.source_image.dtype == torch.float32 and batch.target_image.dtype == torch.float32
+    assert batch.source_label.dtype == torch.int64
+    assert 0 <= float(batch.source_image.min()) and float(batch.source_image.max()) <= 1
+
+
+def test_group_sequence_is_the_order_in_which_samples_read_row_groups(data_root):
+    import itertools
+
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    for start in (0, 5, 3 * len(row_groups(files)) * row_groups(files)[0].num_rows + 7):
+        stream = _stream(files, start_sample=start)
+        read = [g for g, _ in itertools.groupby(g for g, _, _ in itertools.islice(stream._indices(), 400))]
+        assert list(itertools.islice(stream._group_sequence(), len(read))) == read
+
+
+def test_each_row_group_is_read_once_by_concurrent_threads_and_read_ahead(data_root):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from platform.stream import _RowGroupReader
+
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    groups = row_groups(files)[:2]
+    reader = _RowGroupReader(["image"], cached_groups=2)
+    reads = []
+    original = pq.ParquetFile.read_row_group
+
+    def counting(self, index, *args, **kwargs):
+        reads.append(index)
+        return original(self, index, *args, **kwargs)
+
+    pq.ParquetFile.read_row_group = counting
+    try:
+        reader.read_ahead(groups[1])
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(reader.rows, [groups[0]] * 4 + [groups[1]] * 4))
+        reader.close()
+    finally:
+        pq.ParquetFile.read_row_group = original
+    assert len(reads) == 2  # eight asks and a read-ahead, two reads
+    assert all(r is results[0] for r in results[:4]) and all(r is results[4] for r in results[4:])
+    expected = pq.ParquetFile(groups[0].path).read_row_group(groups[0].index, columns=["image"]).column(0).to_pylist()
+    assert [row["image"].to_pybytes() for row in results[0]] == expected
