@@ -195,7 +195,7 @@ class _RowGroupReader:
     def __init__(self, columns: Sequence[str], cached_groups: int = 2):
         self.columns = list(columns)
         self.cached_groups = cached_groups
-        self._files: dict[str, pq.ParquetFile] = {}
+        self._files: dict[str, tuple[pq.ParquetFile, threading.Lock]] = {}
         self._cache: dict[tuple[str, int], Future] = {}
         self._lock = threading.Lock()
         self._ahead: ThreadPoolExecutor | None = None
@@ -235,9 +235,11 @@ class _RowGroupReader:
         try:
             with self._lock:
                 if group.path not in self._files:
-                    self._files[group.path] = _open(group.path)
-                shard = self._files[group.path]
-            entry.set_result(_table_rows(shard.read_row_group(group.index, columns=self.columns)))
+                    self._files[group.path] = (_open(group.path), threading.Lock())
+                shard, shard_lock = self._files[group.path]
+            with shard_lock:  # one read at a time per file: pyarrow does not promise a thread-safe ParquetFile
+                table = shard.read_row_group(group.index, columns=self.columns)
+            entry.set_result(_table_rows(table))
         except Exception as error:  # a truncated or corrupt shard: name it (and let a later call try again)
             with self._lock:
                 if self._cache.get((group.path, group.index)) is entry:
