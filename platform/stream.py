@@ -338,20 +338,27 @@ class TrainStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         indices = self._indices()
         batches = iter(lambda: list(itertools.islice(indices, self.batch_size)), None)
-        if self.threads <= 1:
-            for items in batches:
-                yield self._batch(items)
-            return
         sequence = self._group_sequence()
         current, following = next(sequence), next(sequence)
+
+        def read_ahead(items: list[tuple[RowGroup, int, Augment]]) -> None:
+            """When a batch starts a row group, start reading the one after it (a no-op if cached or under way)."""
+            nonlocal current, following
+            for group, _, _ in items:
+                while group != current:
+                    current, following = following, next(sequence)
+            self.reader.read_ahead(following)
+
         try:
+            if self.threads <= 1:  # decode in the caller's thread; reading still overlaps (I/O on NFS or s3://)
+                for items in batches:
+                    read_ahead(items)
+                    yield self._batch(items)
+                return
             with ThreadPoolExecutor(self.threads, thread_name_prefix="uda-decode") as pool:
                 pending: deque = deque()
                 for items in batches:
-                    for group, _, _ in items:
-                        while group != current:  # this batch starts a row group: read the one after it
-                            current, following = following, next(sequence)
-                    self.reader.read_ahead(following)
+                    read_ahead(items)
                     pending.append(pool.submit(self._batch, items))
                     if len(pending) > max(self.prefetch, self.threads):
                         yield pending.popleft().result()
