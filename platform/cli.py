@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from platform import cluster, config, tasks, tracking
 from platform.config import Resolved, Sweep, UsageError
-from platform.datasets import DatasetNotFoundError
+from platform.datasets import DatasetNotFoundError, resolve_root
 from platform.loop import PRIMARY_METRIC
 
 # Measured on a 2-CPU machine (README, "Measured performance"): fixed cost of one Tune+Train trial beyond its loop,
@@ -85,8 +85,8 @@ def build_parser(single: bool) -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                                "sqlite:///$PWD/mlflow.db)")
     parser.add_argument("--experiment", help="MLflow experiment (default: METHOD/TASK)")
-    parser.add_argument("--data-root", help="prepared datasets (default: $UDA_DATA_ROOT, else "
-                                            "~/.cache/uda-platform/data)")
+    parser.add_argument("--data-root", help="prepared datasets: a directory or a URI such as s3://bucket/data "
+                                            "(default: $UDA_DATA_ROOT, else ~/.cache/uda-platform/data)")
     parser.add_argument("--name", help="sweep name (default: METHOD-TASK-MODE-TIMESTAMP); reuse it with --resume")
     parser.add_argument("--resume", action="store_true", help="continue the sweep --name (or the latest sweep of "
                                                               "this method and task) without rerunning finished trials")
@@ -138,7 +138,7 @@ def make_plan(args: argparse.Namespace, single: bool) -> Plan:
     if args.resume and name is None:
         name = _latest_sweep(storage, f"{resolved.method.name}-{resolved.task.name}-")
     return Plan(resolved=resolved, sweep=sweep, args=args,
-                data_root=os.path.abspath(os.path.expanduser(args.data_root or tasks.default_data_root())),
+                data_root=resolve_root(args.data_root or tasks.default_data_root()),
                 storage_path=storage, tracking_uri=args.tracking_uri or tracking.default_tracking_uri(),
                 experiment=args.experiment or f"{resolved.method.name}/{resolved.task.name}", name=name,
                 scheduler=None if single else args.scheduler)

@@ -33,7 +33,7 @@ import numpy as np
 from platform import converters, synthetic, tasks
 from platform.converters import CONVERTERS, ConversionError, Converter, Sample, Skip
 from platform.datasets import (CODECS, IGNORE_INDEX, DatasetNotFoundError, Manifest, SplitInfo, finalize, read_manifest,
-                               sample_row, write_shard)
+                               resolve_root, sample_row, write_shard)
 
 ROWS_PER_SHARD = 256
 ROWS_PER_GROUP = 16
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             counts = ", ".join(f"{split} {info.count}" for split, info in manifest.splits.items())
             print(f"{args.out}: {counts} images; {len(manifest.skipped)} skipped; {manifest.fingerprint}")
         elif args.command == "prepare":
-            root = os.path.abspath(args.data_root or tasks.default_data_root())
+            root = resolve_root(args.data_root or tasks.default_data_root())
             fingerprints = tasks.prepare(tasks.get(args.task), root)
             for dataset, fingerprint in fingerprints.items():
                 print(f"{dataset}: {fingerprint}")

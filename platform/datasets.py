@@ -99,23 +99,53 @@ class Manifest:
         return cls(**raw)
 
 
+def is_uri(path: str) -> bool:
+    """A path for one of pyarrow's filesystems (s3://bucket/data, gs://..., hdfs://...) rather than a local one."""
+    return "://" in path
+
+
+def resolve_root(root: str) -> str:
+    """A data root as the workers must see it: local paths absolute (trial processes change directory), URIs as given."""
+    return root if is_uri(root) else os.path.abspath(os.path.expanduser(root))
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts]) if is_uri(root) else os.path.join(root, *parts)
+
+
 def dataset_dir(root: str, dataset: str) -> str:
-    return os.path.join(root, dataset)
+    return join(root, dataset)
+
+
+def _read_text(path: str) -> str | None:
+    """The file's text, or None if it does not exist (local path or URI)."""
+    if not is_uri(path):
+        if not os.path.isfile(path):
+            return None
+        with open(path) as handle:
+            return handle.read()
+    import pyarrow.fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    if filesystem.get_file_info(inner).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(inner) as handle:
+        return handle.read().decode()
 
 
 def read_manifest(root: str, dataset: str) -> Manifest:
-    path = os.path.join(dataset_dir(root, dataset), "manifest.json")
-    if not os.path.isfile(path):
+    """The dataset's manifest under `root` (a local directory or a URI such as s3://bucket/data)."""
+    text = _read_text(join(dataset_dir(root, dataset), "manifest.json"))
+    if text is None:
         raise DatasetNotFoundError(f"dataset {dataset!r} is not prepared under {root} (no {dataset}/manifest.json)")
-    with open(path) as handle:
-        return Manifest.from_json(handle.read())
+    return Manifest.from_json(text)
 
 
 def split_files(root: str, dataset: str, split: str) -> list[str]:
     manifest = read_manifest(root, dataset)
     if split not in manifest.splits:
         raise DatasetNotFoundError(f"dataset {dataset!r} has no split {split!r}; it has {', '.join(manifest.splits)}")
-    return [os.path.join(dataset_dir(root, dataset), f) for f in manifest.splits[split].files]
+    return [join(dataset_dir(root, dataset), *f.split("/")) for f in manifest.splits[split].files]
 
 
 CODECS = ("png", "zstd")

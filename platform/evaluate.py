@@ -33,7 +33,7 @@ from PIL import Image
 
 from platform import checkpoints, tasks
 from platform.converters import cityscapes_label_ids
-from platform.datasets import DatasetNotFoundError, split_files
+from platform.datasets import DatasetNotFoundError, resolve_root, split_files
 from platform.metrics import confusion_matrix, segmentation_metrics
 
 
@@ -52,7 +52,7 @@ def evaluate_checkpoint(weights: str, split: str = "val", data_root: str | None 
     target = task.target_test if split == "test" else task.target_val
     if target is None:
         raise EvaluationError(f"task {task.name} has no test split; use --split val")
-    root = os.path.abspath(data_root or tasks.default_data_root())
+    root = resolve_root(data_root or tasks.default_data_root())
     tasks.prepare(task, root)
     method = methods.get(meta["method"])
     hp = methods.make_hyperparams(method, meta["hyperparams"])

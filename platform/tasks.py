@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from methods.contract import TaskInfo
 from platform import synthetic
-from platform.datasets import DatasetNotFoundError, read_manifest
+from platform.datasets import DatasetNotFoundError, is_uri, join, read_manifest, resolve_root
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,9 @@ def get(name: str) -> Task:
 
 
 def default_data_root() -> str:
-    """$UDA_DATA_ROOT, else ~/.cache/uda-platform/data (absolute: trial processes change directory)."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("UDA_DATA_ROOT", "~/.cache/uda-platform/data")))
+    """$UDA_DATA_ROOT, else ~/.cache/uda-platform/data (absolute: trial processes change directory; or a URI such as
+    s3://bucket/data, read through pyarrow's filesystems)."""
+    return resolve_root(os.environ.get("UDA_DATA_ROOT", "~/.cache/uda-platform/data"))
 
 
 def prepare(task: Task, data_root: str) -> dict[str, str]:
@@ -148,8 +149,16 @@ def prepare(task: Task, data_root: str) -> dict[str, str]:
     """
     fingerprints = {}
     for dataset in task.datasets:
-        if task.synthetic:
+        if task.synthetic and not is_uri(data_root):
             manifest = synthetic.ensure(data_root, dataset)
+        elif task.synthetic:
+            try:
+                manifest = read_manifest(data_root, dataset)
+            except DatasetNotFoundError:
+                raise DatasetNotFoundError(
+                    f"synthetic dataset {dataset!r} is not under {data_root}; synthetic data is generated on a local "
+                    f"data root only: run `python -m platform.data prepare {task.name} --data-root DIR` and copy DIR "
+                    f"there, or give a local --data-root") from None
         else:
             try:
                 manifest = read_manifest(data_root, dataset)
@@ -157,7 +166,7 @@ def prepare(task: Task, data_root: str) -> dict[str, str]:
                 raise DatasetNotFoundError(
                     f"dataset {dataset!r} for task {task.name} is not prepared under {data_root}; convert the official "
                     f"download with: python -m platform.data convert {converter_for(dataset)} SRC_DIR "
-                    f"{os.path.join(data_root, dataset)}") from None
+                    f"{join(data_root, dataset)}") from None
         fingerprints[dataset] = manifest.fingerprint
     return fingerprints
 

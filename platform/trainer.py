@@ -28,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from platform import config as config_module
 from platform import tasks
+from platform.datasets import resolve_root
 from platform.loop import TrialRunner, TrialSpec
 from platform.tracking import TrialLogger
 
@@ -110,7 +111,7 @@ def build_trainer(method: str, task: str | None = None, *, overrides: Mapping[st
     DatasetNotFoundError with the command that prepares it.
     """
     resolved = config_module.resolve(method, task, overrides, max_steps, eval_every)
-    data_root = os.path.abspath(data_root or tasks.default_data_root())
+    data_root = resolve_root(data_root or tasks.default_data_root())
     tasks.prepare(resolved.task, data_root)
     spec = TrialSpec(method=resolved.method.name, task=resolved.task.name, hyperparams=dict(resolved.base),
                      seed=seed, max_steps=resolved.max_steps, eval_every=resolved.eval_every, data_root=data_root,
