@@ -18,10 +18,6 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (must come first: see _bootstrap.py)
 
 import argparse
-import os
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
@@ -32,10 +28,8 @@ from common import train_command
 from methods.contract import Batch, StepContext
 from platform import tasks
 from platform.datasets import split_files
-from platform.loop import TrialSpec
 from platform.metrics import confusion_matrix, mean_iou
 from platform.stream import decode_sample, row_groups, _RowGroupReader
-from methods.shared.segmenter import upsample
 
 REPOSITORY_ROOT = _bootstrap.ROOT
 

@@ -12,7 +12,6 @@ Order of work, so that bad input never leaves anything behind:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os

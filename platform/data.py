@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from platform import converters, synthetic, tasks
+from platform import tasks
 from platform.converters import CONVERTERS, ConversionError, Converter, Sample, Skip
 from platform.datasets import (CODECS, IGNORE_INDEX, DatasetNotFoundError, Manifest, SplitInfo, finalize, read_manifest,
                                resolve_root, sample_row, write_shard)
