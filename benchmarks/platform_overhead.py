@@ -3,14 +3,24 @@
 Side by side in one run, on the same machine, one thread each:
 - bare: the same network, optimiser, poly schedule, batch size and evaluations, over tensors decoded into memory
   before the clock starts (the most favourable loop one can write);
-- platform: `python -m platform.train source_only` (1 Ray Train worker, MLflow on, checkpoints at every evaluation).
+- platform: `python -m platform.train source_only` as a user runs it (1 worker, MLflow on, checkpoints at every
+  evaluation), with the default trial runner (inline: the Tune trial process trains) or `--trial-runner train`
+  (a Ray Train worker group per trial).
+
+Runs alternate, bare first and last: bare, platform, bare, platform, ..., bare (`--repeats` platform runs per
+runner). This machine's speed drifts by 10-20% within minutes (the same bare loop has measured 49-67 s), so a
+single bare run next to a single platform run measures the drift as much as the platform; the ratios below are
+mean platform time ÷ mean bare time, and each platform run's ratio to the mean of its two neighbouring bare runs
+is printed too.
 
 Three ratios over the bare loop's time:
 - loop: the platform worker's own loop, first step to last report (streaming decode, reports, checkpoints, MLflow);
-- trial: the trial's MLflow run, start to end (adds Ray Train's worker start-up and shutdown);
+- trial: the trial's MLflow run, start to end (adds the trial's set-up and shutdown: for `train`, Ray Train's
+  controller and worker group);
 - command: the whole command (adds interpreter start, Ray start, MLflow setup, Tune).
 
-    python benchmarks/platform_overhead.py [--steps 400] [--eval-every 100]
+    python benchmarks/platform_overhead.py [--steps 600] [--eval-every 100] [--trial-runner inline|train|both]
+                                           [--repeats 2]
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (must come first: see _bootstrap.py)
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -82,29 +93,48 @@ def bare_loop(steps: int, eval_every: int, data_root: str) -> tuple[float, float
     return time.perf_counter() - started, miou
 
 
-def platform_run(steps: int, eval_every: int, data_root: str) -> dict[str, float]:
-    return train_command("source_only", "synthetic-urban", steps, eval_every, data_root)
+def platform_run(steps: int, eval_every: int, data_root: str, runner: str) -> dict[str, float]:
+    return train_command("source_only", "synthetic-urban", steps, eval_every, data_root,
+                         extra=("--trial-runner", runner))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600, help="default: about 50-65 s of bare training here")
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--trial-runner", choices=("inline", "train", "both"), default="inline")
+    parser.add_argument("--repeats", type=int, default=2, help="platform runs per trial runner")
     args = parser.parse_args(argv)
     data_root = tasks.default_data_root()
     tasks.prepare(tasks.get("synthetic-urban"), data_root)
-    bare, bare_miou = bare_loop(args.steps, args.eval_every, data_root)
-    measured = platform_run(args.steps, args.eval_every, data_root)
+    runners = ("inline", "train") if args.trial_runner == "both" else (args.trial_runner,)
+    bare_runs, bare_miou = [], float("nan")
+    runs: dict[str, list[tuple[int, dict[str, float]]]] = {runner: [] for runner in runners}
+
+    def bare() -> None:
+        nonlocal bare_miou
+        seconds, bare_miou = bare_loop(args.steps, args.eval_every, data_root)
+        bare_runs.append(seconds)
+
+    bare()
+    for _ in range(args.repeats):
+        for runner in runners:
+            runs[runner].append((len(bare_runs) - 1, platform_run(args.steps, args.eval_every, data_root, runner)))
+            bare()
+    mean_bare = statistics.mean(bare_runs)
     print(f"source_only on synthetic-urban, {args.steps} steps, evaluation every {args.eval_every} steps, 1 thread")
-    print(f"  bare PyTorch loop           {bare:7.1f} s   (final target mIoU {bare_miou:.1f})")
-    print(f"  platform: worker loop       {measured['loop']:7.1f} s   ratio {measured['loop'] / bare:.2f}")
-    print(f"  platform: trial (MLflow run){measured['trial']:7.1f} s   ratio {measured['trial'] / bare:.2f}")
-    print(f"  platform: whole command     {measured['command']:7.1f} s   ratio {measured['command'] / bare:.2f}"
-          f"   (final target mIoU {measured['miou']:.1f})")
-    fixed = measured["trial"] - measured["loop"]
-    print(f"  fixed cost per trial beyond the loop: {fixed:.1f} s; the trial ratio reaches 1.15 at about "
-          f"{fixed / (1.15 - measured['loop'] / bare) if measured['loop'] / bare < 1.15 else float('inf'):.0f} s "
-          f"of bare training")
+    print(f"  bare PyTorch loop           {mean_bare:7.1f} s   (mean of {', '.join(f'{b:.1f}' for b in bare_runs)}; "
+          f"final target mIoU {bare_miou:.1f})")
+    for runner, measured in runs.items():
+        print(f"  trial runner {runner} ({len(measured)} run(s); means, ratio to the mean bare time):")
+        for key, label in (("loop", "worker loop"), ("trial", "trial (MLflow run)"), ("command", "whole command")):
+            values = [m[key] for _, m in measured]
+            neighbours = [m[key] / statistics.mean(bare_runs[i:i + 2]) for i, m in measured]
+            print(f"    {label:24s}{statistics.mean(values):7.1f} s   ratio {statistics.mean(values) / mean_bare:.2f}"
+                  f"   (each run vs its neighbouring bare runs: {', '.join(f'{r:.2f}' for r in neighbours)})")
+        fixed = statistics.mean(m["trial"] - m["loop"] for _, m in measured)
+        mious = ", ".join(f"{m['miou']:.1f}" for _, m in measured)
+        print(f"    fixed cost per trial beyond the loop: {fixed:.1f} s; final target mIoU {mious}")
 
 
 if __name__ == "__main__":

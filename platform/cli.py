@@ -27,7 +27,7 @@ from platform.loop import PRIMARY_METRIC
 
 # Measured on a 2-CPU machine (README, "Measured performance"): fixed cost of one Tune+Train trial beyond its loop,
 # and of starting Ray, MLflow and Tune once per command.
-TRIAL_OVERHEAD_S = 25.0
+TRIAL_OVERHEAD_S = {config.INLINE: 3.0, config.TRAIN: 25.0}
 RAY_START_S = 30.0
 
 SWEEP_EXAMPLES = """examples:
@@ -51,9 +51,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(single: bool) -> argparse.ArgumentParser:
     prog = "python -m platform.train" if single else "python -m platform.sweep"
-    description = ("Train one configuration of a method through Ray Train, tracked in MLflow." if single else
-                   "Sweep a method's hyperparameters with Ray Tune (+ Optuna), each trial a Ray Train run, tracked "
-                   "in MLflow.")
+    description = ("Train one configuration of a method as a Ray Tune trial, tracked in MLflow." if single else
+                   "Sweep a method's hyperparameters with Ray Tune (+ Optuna), tracked in MLflow. A one-worker trial "
+                   "trains in its Tune trial's process; --workers N > 1 makes each trial a Ray Train run.")
     parser = _Parser(prog=prog, description=description, epilog=TRAIN_EXAMPLES if single else SWEEP_EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", help="registered method (see methods/__init__.py)")
@@ -78,7 +78,11 @@ def build_parser(single: bool) -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-worker", type=float, default=0)
     parser.add_argument("--sync-batchnorm", action="store_true",
                         help="batch-norm statistics over all workers of a trial (GPU workers only)")
-    parser.add_argument("--max-failures", type=int, default=0, help="retries of a trial's workers from checkpoint")
+    parser.add_argument("--max-failures", type=int, default=0, help="retries of a trial from its latest checkpoint")
+    parser.add_argument("--trial-runner", choices=config.RUNNERS, default="auto",
+                        help="how a trial trains: train = a Ray Train worker group (TorchTrainer); inline = in the "
+                             "Tune trial's own process (one worker, ~12 s less per trial); auto (default) = inline "
+                             "for --workers 1, else train")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
     parser.add_argument("--storage-path", help=f"Ray results and checkpoints (default {config.DEFAULT_STORAGE})")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
@@ -106,6 +110,11 @@ class Plan:
     name: str
     scheduler: str | None = None
 
+    @property
+    def runner(self) -> str:
+        """"inline" or "train" (platform.tuning); sweeps saved before --trial-runner existed ran through Ray Train."""
+        return config.trial_runner(getattr(self.args, "trial_runner", config.TRAIN), self.args.workers)
+
 
 def make_plan(args: argparse.Namespace, single: bool) -> Plan:
     resolved_method = config.resolve(args.method, args.task)  # method/task first, for the error order users expect
@@ -115,6 +124,9 @@ def make_plan(args: argparse.Namespace, single: bool) -> Plan:
                                  ("--max-failures", args.max_failures, -1)):
         if value < minimum:
             raise UsageError(f"{flag} must be >= {minimum} (got {value})")
+    if getattr(args, "trial_runner", "auto") == "inline" and args.workers > 1:
+        raise UsageError(f"--trial-runner inline trains in one process: use --workers 1, or --trial-runner train "
+                         f"(or auto) for {args.workers} workers")
     if args.gpus_per_worker < 0:
         raise UsageError(f"--gpus-per-worker must be >= 0 (got {args.gpus_per_worker})")
     if args.sync_batchnorm and args.gpus_per_worker <= 0:
@@ -233,20 +245,25 @@ def describe(plan: Plan, costs: Costs | None, concurrency: int) -> str:
                 "defaults first)")
     lines = [f"{resolved.method.name} on {resolved.task.name}: {what} × seeds {list(sweep.seeds)} = "
              f"{sweep.num_trials} trial(s) of {resolved.max_steps} steps, evaluated every {resolved.eval_every} steps",
-             f"  {plan.args.workers} worker(s) per trial, {concurrency} trial(s) at a time"]
+             f"  {plan.args.workers} worker(s) per trial ({RUNNER_WORDS[plan.runner]}), {concurrency} trial(s) at a time"]
     if costs is not None:
         at_once = min(concurrency, sweep.num_trials)
         busy = at_once * plan.args.workers * plan.args.cpus_per_worker >= (os.cpu_count() or 1)
         slowdown = CONTENTION if at_once > 1 and busy else 1.0
         evaluations = math.ceil(resolved.max_steps / resolved.eval_every)
-        per_trial = TRIAL_OVERHEAD_S + (resolved.max_steps * costs.step_s + evaluations * costs.eval_s) * slowdown
+        overhead = TRIAL_OVERHEAD_S[plan.runner]
+        per_trial = overhead + (resolved.max_steps * costs.step_s + evaluations * costs.eval_s) * slowdown
         total = RAY_START_S + math.ceil(sweep.num_trials / concurrency) * per_trial
         lines.append(f"  expected duration: about {_minutes(total)} ({costs.step_s:.2f} s/step and "
-                     f"{costs.eval_s:.1f} s/evaluation measured here, ~{TRIAL_OVERHEAD_S:.0f} s fixed cost per trial)")
+                     f"{costs.eval_s:.1f} s/evaluation measured here, ~{overhead:.0f} s fixed cost per trial)")
     else:
         lines.append("  expected duration: not estimated here (GPU trials or real data; see benchmarks/)")
     lines.append(f"  sweep {plan.name}; results in {plan.storage_path}; tracking {plan.tracking_uri}")
     return "\n".join(lines)
+
+
+RUNNER_WORDS = {config.INLINE: "inline: trained in the Tune trial's process",
+                config.TRAIN: "a Ray Train worker group"}
 
 
 def _minutes(seconds: float) -> str:
@@ -372,11 +389,13 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
         storage_path=os.path.join(plan.storage_path, plan.name, "train"), sweep_name=plan.name,
         workers=plan.args.workers, cpus_per_worker=plan.args.cpus_per_worker,
         gpus_per_worker=plan.args.gpus_per_worker, max_failures=plan.args.max_failures,
-        sync_batchnorm=plan.args.sync_batchnorm,
+        sync_batchnorm=plan.args.sync_batchnorm, runner=plan.runner,
         tracking_uri=plan.tracking_uri, experiment_id=experiment_id, parent_run_id=parent, code_version=code,
         fingerprints=fingerprints, defaults=config.hyperparams_dict(resolved.method, resolved.base))
+    inline = plan.runner == config.INLINE
     trainable = tune.with_resources(tune.with_parameters(tuning.run_trial, template=template),
-                                    {"CPU": cluster.TRIAL_DRIVER_CPUS})
+                                    cluster.trial_resources(inline, plan.args.workers, plan.args.cpus_per_worker,
+                                                            plan.args.gpus_per_worker))
     experiment_path = os.path.join(plan.storage_path, plan.name)
     if not plan.args.resume:
         save_sweep_args(plan.args, plan.storage_path, plan.name)
@@ -398,8 +417,11 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
                     scheduler=tuning.scheduler(plan.scheduler, resolved.max_steps, resolved.eval_every),
                     max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: trial.trial_id,
                     trial_name_creator=lambda trial: trial.trial_id),
-                run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage_path, verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                # inline trials checkpoint and retry through Tune; Train trials through their TorchTrainer
+                run_config=tune.RunConfig(
+                    name=plan.name, storage_path=plan.storage_path, verbose=1,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2) if inline else None,
+                    failure_config=tune.FailureConfig(max_failures=plan.args.max_failures if inline else 0)),
             )
         results = tuner.fit()
         status = "FINISHED" if results.num_terminated else "FAILED"

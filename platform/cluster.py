@@ -85,6 +85,14 @@ def resources() -> Resources:
 TRIAL_DRIVER_CPUS = 0.01
 
 
+def trial_resources(inline: bool, workers: int, cpus_per_worker: float, gpus_per_worker: float) -> dict[str, float]:
+    """What a trial's Tune process asks for: a token share when it only drives a Ray Train worker group (the workers
+    ask for theirs), the worker's CPUs and GPUs on top of it when it trains inline."""
+    if not inline:
+        return {"CPU": TRIAL_DRIVER_CPUS}
+    return {"CPU": TRIAL_DRIVER_CPUS + workers * cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+
+
 def max_concurrent_trials(available: Resources, workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
     """How many trials fit at once: each needs its driver's CPU plus its workers' CPUs and GPUs."""
     by_cpu = math.floor(available.cpus / (TRIAL_DRIVER_CPUS + workers * cpus_per_worker))

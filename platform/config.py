@@ -29,6 +29,17 @@ from search_spaces import SEED_AXIS, SearchSpace
 
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results/uda")
 
+# How a trial trains (platform.tuning): "train" = a Ray Train worker group, "inline" = in the Tune trial's process
+# (one worker); "auto" = inline for one worker per trial, else train.
+INLINE, TRAIN = "inline", "train"
+RUNNERS = ("auto", INLINE, TRAIN)
+
+
+def trial_runner(requested: str, workers: int) -> str:
+    if requested == "auto":
+        return INLINE if workers == 1 else TRAIN
+    return requested
+
 
 class UsageError(ValueError):
     """Bad user input: the message is one line, printed as is, and the process exits with code 2."""

@@ -33,7 +33,11 @@ from scipy import ndimage
 
 from platform.datasets import IGNORE_INDEX, Manifest, SplitWriter, finalize, read_manifest, sample_row, DatasetNotFoundError
 
-GENERATOR_VERSION = 2  # 2: the spacing_mm column
+GENERATOR_VERSION = 2  # 2: the spacing_mm column (part of every sample's random key: a new version is new data)
+# Cells are stored with the platform's fast codec (datasets.py): zstd decodes several times faster than PNG, which
+# matters here because a one-CPU trial decodes its batches in its training thread. Same pixels either way; data cached
+# with another codec (PNG before 2026-11-30) is re-encoded on first use.
+CODEC = "zstd"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # synthetic-urban
@@ -359,7 +363,9 @@ def ensure(root: str, name: str, seed: int = 0) -> Manifest:
     """The dataset's manifest, generating the dataset first if it is missing (atomic: built aside, then renamed)."""
     try:
         manifest = read_manifest(root, name)
-        if manifest.source.get("generator_version") == GENERATOR_VERSION and manifest.source.get("seed") == seed:
+        source = manifest.source
+        if (source.get("generator_version"), source.get("seed"), source.get("codec", "png")) == \
+                (GENERATOR_VERSION, seed, CODEC):
             return manifest
     except DatasetNotFoundError:
         pass
@@ -373,12 +379,13 @@ def ensure(root: str, name: str, seed: int = 0) -> Manifest:
             for index in range(count):
                 image, label, image_labels = generate(name, index, split, seed)
                 spacing = (dataset.pixel_spacing_mm,) * 2 if dataset.pixel_spacing_mm else None
-                writer.add(sample_row(f"{split}-{index:05d}", image, label, image_labels, spacing), label=label)
+                writer.add(sample_row(f"{split}-{index:05d}", image, label, image_labels, spacing, CODEC),
+                           label=label)
             splits[split] = writer.close()
         manifest = finalize(staging, Manifest(
             name=name, num_classes=len(dataset.class_names), class_names=list(dataset.class_names),
             channels=dataset.channels, label_map=name, splits=splits, pixel_spacing_mm=dataset.pixel_spacing_mm,
-            source={"kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed},
+            source={"kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed, "codec": CODEC},
         ))
         final = os.path.join(root, name)
         if os.path.isdir(final):

@@ -1,4 +1,4 @@
-"""`python -m platform.train METHOD [options]`: one configuration through the same Tune + Train + MLflow path."""
+"""`python -m platform.train METHOD [options]`: one configuration through the same Tune + MLflow path as a sweep."""
 
 from platform.cli import main
 

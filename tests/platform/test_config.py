@@ -96,3 +96,22 @@ def test_grid_with_seed_axis(monkeypatch):
     monkeypatch.setitem(resolved.space.grids, "stability", {"learning_rate": [0.01], "seed": [3, 4, 5]})
     sweep = config.plan_sweep(resolved, "stability", None, None, (0,), [])
     assert sweep.seeds == (3, 4, 5) and sweep.points == ({"learning_rate": 0.01},)
+
+
+def test_trial_runner_is_inline_for_one_worker_unless_train_is_asked_for():
+    assert config.trial_runner("auto", 1) == "inline" and config.trial_runner("auto", 2) == "train"
+    assert config.trial_runner("train", 1) == "train" and config.trial_runner("inline", 1) == "inline"
+
+
+def test_trial_resources_and_concurrency_count_the_same_cpus_for_both_runners():
+    from platform import cluster
+
+    driver = cluster.TRIAL_DRIVER_CPUS
+    assert cluster.trial_resources(False, 2, 1, 1) == {"CPU": driver}  # the Train workers ask for their own
+    assert cluster.trial_resources(True, 1, 2, 0) == {"CPU": driver + 2}
+    assert cluster.trial_resources(True, 1, 1, 0.5) == {"CPU": driver + 1, "GPU": 0.5}
+    # a local 2-core cluster has 3 logical CPUs (one for the drivers' token shares): two 1-CPU trials at a time
+    local = cluster.Resources(cpus=3, gpus=0)
+    assert cluster.max_concurrent_trials(local, 1, 1, 0) == 2
+    assert cluster.max_concurrent_trials(local, 2, 1, 0) == 1
+    assert cluster.max_concurrent_trials(cluster.Resources(cpus=64, gpus=8), 1, 4, 1) == 8

@@ -134,11 +134,6 @@ def metric_steps(database, key: str) -> list[int]:
 
 def _metric_logged(database, key: str) -> bool:
     return bool(metric_steps(database, key))
-    try:
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
-            return connection.execute("SELECT count(*) FROM metrics WHERE key = ?", (key,)).fetchone()[0] > 0
-    except sqlite3.Error:
-        return False
 
 
 def test_train_command_runs_both_seuda_stages(tmp_path, subprocess_env):
@@ -183,7 +178,7 @@ def test_tpe_search_with_asha(tmp_path, subprocess_env):
     assert parents[0].data.params["mode"] == "tpe"
 
 
-def test_ray_workers_import_platform_and_build_trainer_is_deterministic(tmp_path, subprocess_env, data_root):
+def test_ray_workers_import_platform_and_both_trial_runners_are_deterministic(tmp_path, subprocess_env, data_root):
     script = textwrap.dedent(f"""
         import json, ray
         from platform import cluster
@@ -198,7 +193,12 @@ def test_ray_workers_import_platform_and_build_trainer_is_deterministic(tmp_path
         results = [build_trainer("source_only", task="synthetic-urban", seed=1, max_steps=6, eval_every=3,
                                  storage_path={str(tmp_path)!r}, name=f"det-{{i}}", data_root={data_root!r}).fit()
                    for i in range(2)]
-        print("RESULT" + json.dumps({{"probe": ray.get(probe.remote()),
+        # the same configuration as an inline trial (the CLI's default for one worker), in the same Ray session
+        from platform.cli import main
+        code = main(["source_only", "--task", "synthetic-urban", "--seed", "1", "--max-steps", "6", "--eval-every",
+                     "3", "--data-root", {data_root!r}, "--tracking-uri", "sqlite:///{tmp_path}/mlflow.db",
+                     "--storage-path", {str(tmp_path / "results")!r}], single=True)
+        print("RESULT" + json.dumps({{"probe": ray.get(probe.remote()), "inline_exit": code,
                                       "metrics": [r.metrics for r in results]}}))
     """)
     out = subprocess.run([python(), "-c", script], cwd=tmp_path, env=subprocess_env, capture_output=True,
@@ -210,3 +210,9 @@ def test_ray_workers_import_platform_and_build_trainer_is_deterministic(tmp_path
     assert first["step"] == 6
     assert {k: v for k, v in first.items() if not k.startswith("time/")} == \
            {k: v for k, v in second.items() if not k.startswith("time/")}
+    # an inline trial runs the same loop in the Tune trial's process: the same evaluations, bit for bit
+    assert payload["inline_exit"] == 0
+    client, _, children = runs_of(tmp_path)
+    assert len(children) == 1
+    inline = {key: value for key, value in children[0].data.metrics.items() if key.startswith("val_target/")}
+    assert inline and inline == {key: value for key, value in first.items() if key.startswith("val_target/")}

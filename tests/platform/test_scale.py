@@ -126,12 +126,19 @@ def test_tracking_to_an_mlflow_server(mlflow_server, tmp_path, subprocess_env):
     assert "last.pt" in stored
 
 
-def _train_worker_pids() -> list[int]:
+# The process that runs a trial's training loop: a Ray Train worker, or (inline) the Tune trial's own process.
+TRAINING_PROCESS = {"train": "ray::RayTrainWorker", "inline": "ray::ImplicitFunc"}
+
+
+def _training_pids(runner: str) -> list[int]:
     listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in listing.splitlines() if "ray::RayTrainWorker" in line]
+    return [int(line.split(None, 1)[0]) for line in listing.splitlines() if TRAINING_PROCESS[runner] in line]
 
 
-def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path, subprocess_env):
+@pytest.mark.parametrize("runner", ["train", "inline"])
+def test_a_killed_training_process_resumes_from_its_checkpoint(tmp_path, subprocess_env, runner):
+    """train: Ray Train restarts the worker group from its latest checkpoint; inline: Tune restarts the trial from
+    its latest checkpoint. Either way the MLflow run continues (one run, FINISHED)."""
     import signal
     import time
 
@@ -139,8 +146,8 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path, subprocess_
     from tests.platform.test_integration import store_args
 
     process = subprocess.Popen([python(), "-m", "platform.train", "source_only", "--task", "synthetic-urban",
-                                "--max-steps", "200", "--eval-every", "20", "--max-failures", "1",
-                                *store_args(tmp_path)], cwd=tmp_path, env=subprocess_env,
+                                "--max-steps", "120", "--eval-every", "20", "--max-failures", "1",
+                                "--trial-runner", runner, *store_args(tmp_path)], cwd=tmp_path, env=subprocess_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = []
     try:
@@ -148,7 +155,7 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path, subprocess_
         while not [s for s in metric_steps(tmp_path / "mlflow.db", "val_target/miou") if s >= 40]:
             assert process.poll() is None and time.monotonic() < deadline, "the trial did not reach step 40"
             time.sleep(0.5)
-        killed = _train_worker_pids()
+        killed = _training_pids(runner)
         assert len(killed) == 1
         os.kill(killed[0], signal.SIGKILL)
         output, _ = process.communicate(timeout=400)
@@ -160,8 +167,8 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint(tmp_path, subprocess_
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     steps = metric_steps(tmp_path / "mlflow.db", "val_target/miou")
     # resumed from a checkpoint, not from step 0: every evaluation through the last step is there, and at most the
-    # one evaluation after the last checkpoint Ray Train had registered when the worker died is done twice
-    assert sorted(set(steps)) == list(range(20, 201, 20)) and steps == sorted(steps), steps
+    # one evaluation after the last checkpoint Ray Train (or Tune) had registered when the process died is done twice
+    assert sorted(set(steps)) == list(range(20, 121, 20)) and steps == sorted(steps), steps
     assert len(steps) - len(set(steps)) <= 1 and steps.count(20) == 1, steps
 
 
