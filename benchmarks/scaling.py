@@ -1,8 +1,8 @@
 """Data-parallel scaling: one trial on 1 vs N Ray Train workers, side by side in one run.
 
-`python -m platform.train METHOD --workers W` for W = 1 and W = `--workers`, each worker with `--cpus-per-worker`
-CPUs (and `--gpus-per-worker` GPUs when given), the same per-worker batch, so the global batch grows with W (weak
-scaling, how data parallelism is used). Throughput is training images per second of the worker loop (`time/elapsed_s`
+`python -m platform.train METHOD --workers W --trial-runner train` for W = 1 and W = `--workers`, each worker with
+`--cpus-per-worker` CPUs (and `--gpus-per-worker` GPUs when given), the same per-worker batch, so the global batch
+grows with W (weak scaling, how data parallelism is used). Throughput is training images per second of the worker loop (`time/elapsed_s`
 logged by rank 0: first step to last report, evaluations included), so Ray's start-up is excluded; the whole
 command's time is printed too. Efficiency = throughput(W) / (W × throughput(1)).
 
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     tasks.prepare(task, data_root)
     results = {}
     for workers in (1, args.workers):
-        extra = ["--workers", str(workers), "--cpus-per-worker", str(args.cpus_per_worker),
+        # both through Ray Train (the default runs a one-worker trial inline): one runtime, only W changes
+        extra = ["--workers", str(workers), "--trial-runner", "train", "--cpus-per-worker", str(args.cpus_per_worker),
                  "--gpus-per-worker", str(args.gpus_per_worker), "--set", f"batch_size={args.batch_size}"]
         for override in args.overrides:
             extra += ["--set", override]

@@ -25,9 +25,10 @@ from platform.config import Resolved, Sweep, UsageError
 from platform.datasets import DatasetNotFoundError, resolve_root
 from platform.loop import PRIMARY_METRIC
 
-# Measured on a 2-CPU machine (README, "Measured performance"): fixed cost of one Tune+Train trial beyond its loop,
-# and of starting Ray, MLflow and Tune once per command.
-TRIAL_OVERHEAD_S = {config.INLINE: 3.0, config.TRAIN: 25.0}
+# Measured on a 2-CPU machine (README, "Measured results"): fixed cost of one trial beyond its loop (its Tune
+# process's start, plus for the train runner Ray Train's controller and worker group), and of starting Ray, MLflow and
+# Tune once per command.
+TRIAL_OVERHEAD_S = {config.INLINE: 5.0, config.TRAIN: 20.0}
 RAY_START_S = 30.0
 
 SWEEP_EXAMPLES = """examples:
