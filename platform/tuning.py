@@ -10,8 +10,8 @@ run, trains, and ends the run FINISHED or FAILED with the reason. How it trains 
 - "inline": a one-worker trial trains in the Tune trial's own process (`TuneSession`: reports and checkpoints go
   straight to Tune, which persists checkpoints, retries failures from the latest one and restores on --resume).
   Same loop, same method code, same MLflow logging; what it skips is Train V2's per-trial controller and worker
-  group: about nine Ray processes started and stopped per trial, 11-14 s per trial on a 2-core machine
-  (README, "Measured performance").
+  group: about nine Ray processes started and stopped per trial, 11-18 s per trial on a 2-core machine
+  (README, "Measured results").
 
 Trial configs are `{"hp": {field: value, ...}, "seed": int}`; everything that is the same for all trials travels in
 a `TrialTemplate` bound with `tune.with_parameters`.
@@ -19,15 +19,14 @@ a `TrialTemplate` bound with `tune.with_parameters`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import statistics
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-import contextlib
-from typing import Iterator
-
+import ray
 import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -133,8 +132,9 @@ class TuneSession:
     rank, world_size = 0, 1
 
     def __init__(self) -> None:
-        # Ray gives the trial's GPU (if it asked for one) to this process through CUDA_VISIBLE_DEVICES
-        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        # A trial that asked for a GPU gets it through CUDA_VISIBLE_DEVICES; one that did not stays on the CPU even
+        # where the node's GPUs are visible (they belong to other trials)
+        self.device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
         # one INFO line per persisted checkpoint; our checkpoints are listed in MLflow and in the summary
         logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 

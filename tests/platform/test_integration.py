@@ -108,7 +108,10 @@ def test_ctrl_c_leaves_no_run_running(tmp_path, subprocess_env):
         else:
             pytest.fail("no trial reported in time")
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=240)
+        try:
+            output, _ = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the sweep did not exit within 240 s of Ctrl-C; its threads:\n" + _stacks(process.pid))
     finally:
         if process.poll() is None:
             process.kill()
@@ -117,6 +120,13 @@ def test_ctrl_c_leaves_no_run_running(tmp_path, subprocess_env):
     assert parents[0].info.status == "KILLED"
     assert children and all(c.info.status in ("KILLED", "FINISHED", "FAILED") for c in children)
     assert "Continue: python -m platform.sweep source_only" in output
+
+
+def _stacks(pid: int) -> str:
+    """Every thread's Python stack of a live process (py-spy comes with ray[default]), for a hang's failure message."""
+    spy = os.path.join(os.path.dirname(python()), "py-spy")
+    dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    return (dump.stdout + dump.stderr)[-8000:]
 
 
 def metric_steps(database, key: str) -> list[int]:
