@@ -12,12 +12,10 @@ Order of work, so that bad input never leaves anything behind:
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import math
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -431,7 +429,6 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
         status = "FINISHED" if results.num_terminated else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
-        _exit_if_stuck(SHUTDOWN_GRACE_S, 130)
     finally:
         _reconcile(tracker, experiment_id, parent, results)
         tracker.end(parent, status, None if status == "FINISHED" else _parent_reason(status, results))
@@ -439,25 +436,6 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
     if status == "KILLED":
         return 130
     return 0 if results is not None and results.num_terminated else 1
-
-
-# After Ctrl-C, ending the MLflow runs, Ray's shutdown and the interpreter's exit take about 5 s here.
-SHUTDOWN_GRACE_S = 90.0
-
-
-def _exit_if_stuck(seconds: float, code: int) -> None:
-    """Ctrl-C must end the command. A CI run once saw the sweep still alive 240 s after Ctrl-C (where it hung is
-    unknown: it never reproduced here in nine tries); if that happens again, print every thread's stack (so that
-    the hang can be found) and exit with `code` anyway."""
-
-    def watchdog() -> None:
-        time.sleep(seconds)
-        print(f"error: still shutting down {seconds:g} s after Ctrl-C; exiting now (threads below)", file=sys.stderr,
-              flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        os._exit(code)
-
-    threading.Thread(target=watchdog, name="uda-exit-watchdog", daemon=True).start()
 
 
 def _reconcile(tracker: tracking.Tracker, experiment_id: str, parent: str, results: Any) -> None:

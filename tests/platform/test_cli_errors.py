@@ -120,16 +120,3 @@ def test_resume_with_a_different_setting_is_one_line_exit_2(tmp_path, capsys):
     assert "--resume continues sweep 's1' with the settings it started with; drop --max-steps 30 (the sweep has 20)" \
         in err
 
-
-def test_a_stuck_shutdown_after_ctrl_c_still_exits_with_the_threads_stacks(subprocess_env, tmp_path):
-    """The watchdog that ends the command if shutting down after Ctrl-C hangs (here: a non-daemon thread that never
-    ends, which the interpreter would wait for forever)."""
-    code = ("import threading, time\n"
-            "from platform import cli\n"
-            "threading.Thread(target=time.sleep, args=(3600,), name='stuck').start()\n"
-            "cli._exit_if_stuck(0.5, 130)\n")
-    out = subprocess.run([python(), "-c", code], cwd=tmp_path, env=subprocess_env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 130
-    assert "error: still shutting down 0.5 s after Ctrl-C; exiting now" in out.stderr
-    assert "Thread 0x" in out.stderr  # every thread's stack follows, for finding the hang

@@ -76,6 +76,10 @@ def _train(rank: int, world_size: int, method_name: str, init_file: str, out: st
     if world_size > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it (seen: SIGABRT at exit in CI)
         dist.destroy_process_group()
+        # The work is done and saved. Skip the interpreter's teardown: a rank has still died there now and then with
+        # SIGABRT ("terminate called without an active exception": a C++ thread destroyed while joinable, in torch's
+        # or gloo's static destructors), which made the spawn fail after a successful run.
+        os._exit(0)
 
 
 def _run(tmp_path, method_name: str, world_size: int, sync: bool = True) -> dict:

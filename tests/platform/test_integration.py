@@ -95,8 +95,15 @@ def test_non_finite_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, 
     assert "1 failed" in out.stdout and "became nan" in out.stdout
 
 
+# `python -m platform.sweep ARGS` with Ctrl-C handled as in a terminal even when the test runner was started in the
+# background of a script, where SIGINT is ignored and its children inherit that (Python then never raises
+# KeyboardInterrupt: the sweep would ignore the test's Ctrl-C, as a background job should).
+SWEEP_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                     "sys.argv[0] = 'platform.sweep'; runpy.run_module('platform.sweep', run_name='__main__')")
+
+
 def test_ctrl_c_leaves_no_run_running(tmp_path, subprocess_env):
-    process = subprocess.Popen([python(), "-m", "platform.sweep", "source_only", "--max-steps", "2000",
+    process = subprocess.Popen([python(), "-c", SWEEP_WITH_CTRL_C, "source_only", "--max-steps", "2000",
                                 "--eval-every", "5", *store_args(tmp_path)], cwd=tmp_path, env=subprocess_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
