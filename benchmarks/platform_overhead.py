@@ -8,7 +8,7 @@ Side by side in one run, on the same machine, one thread each:
   (a Ray Train worker group per trial).
 
 Runs alternate, bare first and last: bare, platform, bare, platform, ..., bare (`--repeats` platform runs per
-runner). This machine's speed drifts by 10-20% within minutes (the same bare loop has measured 49-67 s), so a
+runner). This machine's speed drifts by 10-20% within minutes (the same 600-step bare loop has measured 49-75 s), so a
 single bare run next to a single platform run measures the drift as much as the platform; the ratios below are
 mean platform time ÷ mean bare time, and each platform run's ratio to the mean of its two neighbouring bare runs
 is printed too.

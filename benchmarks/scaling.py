@@ -2,9 +2,9 @@
 
 `python -m platform.train METHOD --workers W --trial-runner train` for W = 1 and W = `--workers`, each worker with
 `--cpus-per-worker` CPUs (and `--gpus-per-worker` GPUs when given), the same per-worker batch, so the global batch
-grows with W (weak scaling, how data parallelism is used). Throughput is training images per second of the worker loop (`time/elapsed_s`
-logged by rank 0: first step to last report, evaluations included), so Ray's start-up is excluded; the whole
-command's time is printed too. Efficiency = throughput(W) / (W × throughput(1)).
+grows with W (weak scaling, how data parallelism is used). Throughput is training images per second of the worker
+loop (`time/elapsed_s` logged by rank 0: first step to last report, evaluations included), so Ray's start-up is
+excluded; the whole command's time is printed too. Efficiency = throughput(W) / (W × throughput(1)).
 
 On a 2-core machine with no GPU, two 1-CPU workers share the cores with the Tune driver and Ray's daemons: expect
 little. On a GPU machine pass `--gpus-per-worker 1 --task ... --set architecture=deeplabv2_resnet101`.

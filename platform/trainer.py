@@ -47,14 +47,18 @@ class RayTrainSession:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(dict(metrics), checkpoint=checkpoint)
 
-    @contextlib.contextmanager
-    def resume_dir(self) -> Iterator[str | None]:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield directory
+    def resume_dir(self) -> contextlib.AbstractContextManager[str | None]:
+        return checkpoint_directory(ray.train.get_checkpoint())
+
+
+@contextlib.contextmanager
+def checkpoint_directory(checkpoint: ray.train.Checkpoint | None) -> Iterator[str | None]:
+    """A local directory holding `checkpoint` (None when there is none): what Session.resume_dir yields."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as directory:
+        yield directory
 
 
 def train_loop_per_worker(config: Mapping[str, Any]) -> None:

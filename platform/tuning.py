@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import statistics
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import ray
 import torch
@@ -37,7 +37,7 @@ from ray.train.v2.api.exceptions import TrainingFailedError
 from platform.config import INLINE, TRAIN, Sweep
 from platform.loop import PRIMARY_METRIC, TrialRunner, TrialSpec
 from platform.tracking import Tracker, TrialLogger, tags_for
-from platform.trainer import trainer_for_spec
+from platform.trainer import checkpoint_directory, trainer_for_spec
 
 MODE = "max"
 
@@ -81,13 +81,17 @@ class TrialError(RuntimeError):
     """A trial failed; the message is the reason recorded in Tune and MLflow."""
 
 
+def one_line(error: BaseException) -> str:
+    """"Type: first line of the message", the reason recorded in Tune and MLflow."""
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 def failure_reason(error: BaseException) -> str:
     """The most specific one-line reason: a worker's own exception if there is one."""
     failures = getattr(error, "worker_failures", None)
     if failures:
         first = failures[min(failures)]
-        cause = getattr(first, "cause", None) or first
-        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+        return one_line(getattr(first, "cause", None) or first)
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[-1] if text else ''}"
 
@@ -142,21 +146,15 @@ class TuneSession:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(dict(metrics), checkpoint=checkpoint)  # Tune persists the checkpoint before returning
 
-    @contextlib.contextmanager
-    def resume_dir(self) -> Iterator[str | None]:
-        checkpoint = tune.get_checkpoint()  # set when Tune retries or restores (--resume) this trial
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield directory
+    def resume_dir(self) -> contextlib.AbstractContextManager[str | None]:
+        return checkpoint_directory(tune.get_checkpoint())  # set when Tune retries or restores (--resume) this trial
 
 
 def _train_inline(spec: TrialSpec, tracker: Tracker, tracking_uri: str, run_id: str) -> None:
     try:
         TrialRunner(spec, TuneSession(), TrialLogger(tracking_uri, run_id)).run()
     except Exception as error:  # the trial's own error, e.g. a non-finite loss: its reason goes to MLflow and Tune
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        reason = one_line(error)
         tracker.end(run_id, "FAILED", reason)
         raise TrialError(reason) from None
     tracker.end(run_id, "FINISHED")
