@@ -36,8 +36,9 @@ CASES = [
 ]
 
 
-def measure(architecture: str, channels: int, height: int, width: int, batch: int, device: str, threads: int,
-            steps: int) -> dict:
+def measure(
+    architecture: str, channels: int, height: int, width: int, batch: int, device: str, threads: int, steps: int
+) -> dict:
     import torch
 
     from methods.contract import TaskInfo
@@ -70,8 +71,11 @@ def measure(architecture: str, channels: int, height: int, width: int, batch: in
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    return {"seconds": sum(timings) / len(timings), "peak_mb": peak_mb,
-            "parameters": sum(p.numel() for p in segmenter.parameters())}
+    return {
+        "seconds": sum(timings) / len(timings),
+        "peak_mb": peak_mb,
+        "parameters": sum(p.numel() for p in segmenter.parameters()),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.case:
         architecture, channels, height, width, batch = json.loads(args.case)
-        print(json.dumps(measure(architecture, channels, height, width, batch, args.device, args.threads,
-                                 args.steps)))
+        print(json.dumps(measure(architecture, channels, height, width, batch, args.device, args.threads, args.steps)))
         return
     only = set(filter(None, args.only.split(",")))
     print(f"device {args.device}, {args.threads} threads; one training step (forward, backward, SGD), batch as shown")
@@ -93,17 +96,33 @@ def main(argv: list[str] | None = None) -> None:
     for case in CASES:
         if only and case[0] not in only:
             continue
-        out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case), "--device", args.device,
-                              "--threads", str(args.threads), "--steps", str(args.steps)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--case",
+                json.dumps(case),
+                "--device",
+                args.device,
+                "--threads",
+                str(args.threads),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
             print(f"{case[0]:38s} failed: {out.stderr.strip().splitlines()[-1]}")
             continue
         result = json.loads(out.stdout.strip().splitlines()[-1])
         architecture, channels, height, width, batch = case
         shape = f"{batch}x{channels}x{height}x{width}"
-        print(f"{architecture:38s} {shape:>16s} {result['parameters']:>12,d} {result['seconds']:8.2f} "
-              f"{result['peak_mb']:9.0f}", flush=True)
+        print(
+            f"{architecture:38s} {shape:>16s} {result['parameters']:>12,d} {result['seconds']:8.2f} "
+            f"{result['peak_mb']:9.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import _bootstrap
+
 import multiprocessing
 import os
 import statistics
@@ -9,25 +11,40 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-import _bootstrap
 import search_spaces
 from platform import tasks
 from platform.loop import LocalSession, TrialRunner, TrialSpec
 
 
-def train_once(method: str, task: str, overrides: Mapping[str, Any], seed: int, steps: int,
-               data_root: str | None = None, defaults_from: str | None = None) -> dict[str, float]:
+def train_once(
+    method: str,
+    task: str,
+    overrides: Mapping[str, Any],
+    seed: int,
+    steps: int,
+    data_root: str | None = None,
+    defaults_from: str | None = None,
+) -> dict[str, float]:
     """Train with the platform's loop in this process (no Ray: these benchmarks measure methods, not orchestration)
     and return the final evaluation. Hyperparameters: the search space's task defaults, then `overrides`."""
     base = tasks.get(task.split("+")[0]).name
     defaults = search_spaces.load(defaults_from or method).task_defaults.get(base, {})
-    spec = TrialSpec(method=method, task=task, hyperparams={**defaults, **overrides}, seed=seed, max_steps=steps,
-                     eval_every=steps, data_root=data_root or tasks.default_data_root(), threads=1)
+    spec = TrialSpec(
+        method=method,
+        task=task,
+        hyperparams={**defaults, **overrides},
+        seed=seed,
+        max_steps=steps,
+        eval_every=steps,
+        data_root=data_root or tasks.default_data_root(),
+        threads=1,
+    )
     return TrialRunner(spec, LocalSession()).run()
 
 
@@ -52,8 +69,9 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(defined):5.1f} ± {spread:4.1f}{missing}"
 
 
-def train_command(method: str, task: str, steps: int, eval_every: int, data_root: str,
-                  extra: Sequence[str] = ()) -> dict[str, float]:
+def train_command(
+    method: str, task: str, steps: int, eval_every: int, data_root: str, extra: Sequence[str] = ()
+) -> dict[str, float]:
     """`python -m platform.train` as a user runs it, in a scratch directory with its own MLflow store. Returns the
     whole command's seconds, the trial's MLflow run duration, the worker loop's own time (`time/elapsed_s`) and the
     final target mIoU."""
@@ -61,17 +79,39 @@ def train_command(method: str, task: str, steps: int, eval_every: int, data_root
         store = f"sqlite:///{scratch}/mlflow.db"
         env = dict(os.environ, PYTHONPATH=_bootstrap.ROOT, UDA_DATA_ROOT=data_root)
         started = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "platform.train", method, "--task", task, "--max-steps", str(steps),
-                              "--eval-every", str(eval_every), "--tracking-uri", store,
-                              "--storage-path", f"{scratch}/results", *extra], cwd=scratch, env=env,
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "platform.train",
+                method,
+                "--task",
+                task,
+                "--max-steps",
+                str(steps),
+                "--eval-every",
+                str(eval_every),
+                "--tracking-uri",
+                store,
+                "--storage-path",
+                f"{scratch}/results",
+                *extra,
+            ],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         command = time.perf_counter() - started
         if out.returncode != 0:
             raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
         client = MlflowClient(store)
         experiment = client.get_experiment_by_name(f"{method}/{task}")
-        child = next(r for r in client.search_runs([experiment.experiment_id])
-                     if "mlflow.parentRunId" in r.data.tags)
+        child = next(r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags)
         elapsed = client.get_metric_history(child.info.run_id, "time/elapsed_s")
-        return {"command": command, "trial": (child.info.end_time - child.info.start_time) / 1000,
-                "loop": max(m.value for m in elapsed), "miou": child.data.metrics["val_target/miou"]}
+        return {
+            "command": command,
+            "trial": (child.info.end_time - child.info.start_time) / 1000,
+            "loop": max(m.value for m in elapsed),
+            "miou": child.data.metrics["val_target/miou"],
+        }

@@ -75,8 +75,10 @@ def _work(image: bytes, label: bytes, augment: Augment) -> dict[str, torch.Tenso
 
 class _Folder(Dataset):
     def __init__(self, source: str, count: int):
-        self.paths = [(os.path.join(source, "images", f"{i + 1:05d}.png"),
-                       os.path.join(source, "labels", f"{i + 1:05d}.png")) for i in range(count)]
+        self.paths = [
+            (os.path.join(source, "images", f"{i + 1:05d}.png"), os.path.join(source, "labels", f"{i + 1:05d}.png"))
+            for i in range(count)
+        ]
         self.augments = POLICY.draw(np.random.default_rng(0), count)
 
     def __len__(self) -> int:
@@ -112,8 +114,11 @@ def _decode_share(job: tuple[list[tuple[bytes, bytes]], int]) -> tuple[int, floa
 
 
 def decode_limit(files: list[str], workers: int, images: int) -> float:
-    payloads = [(row["image"], row["label"]) for path in files
-                for row in pq.read_table(path, columns=["image", "label"]).to_pylist()]
+    payloads = [
+        (row["image"], row["label"])
+        for path in files
+        for row in pq.read_table(path, columns=["image", "label"]).to_pylist()
+    ]
     repeats = max(1, images // len(payloads))
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(_decode_share, [(payloads[w::workers], repeats) for w in range(workers)]))
@@ -123,8 +128,9 @@ def decode_limit(files: list[str], workers: int, images: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48, help="generated frames")
-    parser.add_argument("--batches", type=int, default=36,
-                        help="timed batches per reader (36 x 4: three passes over 48 frames)")
+    parser.add_argument(
+        "--batches", type=int, default=36, help="timed batches per reader (36 x 4: three passes over 48 frames)"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--codec", choices=CODECS, default="zstd", help="the converter's codec for the stream")
@@ -133,19 +139,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="uda-throughput-") as root:
         start = time.perf_counter()
         source = generate(root, args.images)
-        data.convert("gta5", source, os.path.join(root, "data", "gta5"), workers=args.workers, progress=False,
-                     codec=args.codec)
+        data.convert(
+            "gta5", source, os.path.join(root, "data", "gta5"), workers=args.workers, progress=False, codec=args.codec
+        )
         files = split_files(os.path.join(root, "data"), "gta5", "train")
-        png_mb = sum(os.path.getsize(os.path.join(source, "images", f)) for f in os.listdir(os.path.join(source, "images")))
+        png_mb = sum(
+            os.path.getsize(os.path.join(source, "images", f)) for f in os.listdir(os.path.join(source, "images"))
+        )
         parquet_mb = sum(os.path.getsize(f) for f in files)
-        print(f"{args.images} frames {WIDTH}x{HEIGHT}: PNG folder {png_mb / 2**20:.0f} MB, Parquet "
-              f"{parquet_mb / 2**20:.0f} MB ({args.codec}, {time.perf_counter() - start:.0f} s to generate and convert); "
-              f"transform {POLICY}; {args.workers} workers, batch {args.batch_size}")
-        stream = TrainStream(files, ["image", "label"], args.batch_size, 19, seed=0, policy=POLICY,
-                             threads=args.workers, prefetch=2)
+        print(
+            f"{args.images} frames {WIDTH}x{HEIGHT}: PNG folder {png_mb / 2**20:.0f} MB, Parquet "
+            f"{parquet_mb / 2**20:.0f} MB ({args.codec}, {time.perf_counter() - start:.0f} s to generate and convert); "
+            f"transform {POLICY}; {args.workers} workers, batch {args.batch_size}"
+        )
+        stream = TrainStream(
+            files, ["image", "label"], args.batch_size, 19, seed=0, policy=POLICY, threads=args.workers, prefetch=2
+        )
         rate_stream = _rate(stream, args.batches, args.batch_size)
-        loader = DataLoader(_Folder(source, args.images), batch_size=args.batch_size, shuffle=True,
-                            num_workers=args.workers, collate_fn=collate, persistent_workers=True, prefetch_factor=2)
+        loader = DataLoader(
+            _Folder(source, args.images),
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            collate_fn=collate,
+            persistent_workers=True,
+            prefetch_factor=2,
+        )
         rate_folder = _rate(_cycle(loader), args.batches, args.batch_size)
         rate_limit = decode_limit(files, args.workers, args.batches * args.batch_size)
     print(f"{'reader':28s} {'img/s':>7s}")

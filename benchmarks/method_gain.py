@@ -44,30 +44,39 @@ def main(argv: list[str] | None = None) -> None:
     tasks.prepare(tasks.get(task), data_root)
     rows = [] if args.no_source_only else [("source_only", "source_only", {})]
     if args.grid:
-        rows += [(args.method, " ".join(f"{k}={v}" for k, v in point.items()) or f"{args.method} (defaults)", point)
-                 for point in space.grid_points(args.grid)]
+        rows += [
+            (args.method, " ".join(f"{k}={v}" for k, v in point.items()) or f"{args.method} (defaults)", point)
+            for point in space.grid_points(args.grid)
+        ]
     else:
         rows.append((args.method, f"{args.method} (defaults)", {}))
     started = time.perf_counter()
-    jobs = [(train_once, (method, task, overrides, seed, steps, data_root)) for method, _, overrides in rows
-            for seed in seeds]
+    jobs = [
+        (train_once, (method, task, overrides, seed, steps, data_root))
+        for method, _, overrides in rows
+        for seed in seeds
+    ]
     results = parallel(jobs)
     metrics = [("mIoU", lambda r: r["val_target/miou"])]
     if tasks.get(task).lung_metrics:
         lungs = [key.rsplit("/", 1)[1] for key in results[0] if key.startswith("val_target/dice/")]
-        metrics += [("Dice", lambda r: statistics.mean(r[f"val_target/dice/{lung}"] for lung in lungs)),
-                    ("ASD mm", lambda r: statistics.mean(r[f"val_target/asd_mm/{lung}"] for lung in lungs))]
+        metrics += [
+            ("Dice", lambda r: statistics.mean(r[f"val_target/dice/{lung}"] for lung in lungs)),
+            ("ASD mm", lambda r: statistics.mean(r[f"val_target/asd_mm/{lung}"] for lung in lungs)),
+        ]
     print(f"{task}, {steps} steps, seeds {args.seeds}: final target-validation scores, mean ± std [per seed]")
     for name, metric in metrics:
         print(f" {name}:")
         baseline = None
         for index, (_, label, _) in enumerate(rows):
-            values = [metric(r) for r in results[index * len(seeds):(index + 1) * len(seeds)]]
+            values = [metric(r) for r in results[index * len(seeds) : (index + 1) * len(seeds)]]
             defined = [v for v in values if v == v] or [float("nan")]
             baseline = baseline if baseline is not None else statistics.mean(defined)
             delta = statistics.mean(defined) - baseline
-            print(f"  {label:48s} {mean_std(values)}   {delta:+5.1f} vs {rows[0][1]}   "
-                  f"[{', '.join(f'{v:.1f}' for v in values)}]")
+            print(
+                f"  {label:48s} {mean_std(values)}   {delta:+5.1f} vs {rows[0][1]}   "
+                f"[{', '.join(f'{v:.1f}' for v in values)}]"
+            )
     print(f"({time.perf_counter() - started:.0f} s)")
 
 

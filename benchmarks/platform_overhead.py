@@ -25,7 +25,7 @@ Three ratios over the bare loop's time:
 
 from __future__ import annotations
 
-import _bootstrap  # noqa: F401  (must come first: see _bootstrap.py)
+import _bootstrap
 
 import argparse
 import statistics
@@ -40,15 +40,18 @@ from methods.contract import Batch, StepContext
 from platform import tasks
 from platform.datasets import split_files
 from platform.metrics import confusion_matrix, mean_iou
-from platform.stream import decode_sample, row_groups, _RowGroupReader
+from platform.stream import _RowGroupReader, decode_sample, row_groups
 
 REPOSITORY_ROOT = _bootstrap.ROOT
 
 
 def load_split(data_root: str, dataset: str, split: str, num_classes: int) -> dict[str, torch.Tensor]:
     reader = _RowGroupReader(["image", "label"])
-    samples = [decode_sample(row, num_classes, None, False)
-               for group in row_groups(split_files(data_root, dataset, split)) for row in reader.rows(group)]
+    samples = [
+        decode_sample(row, num_classes, None, False)
+        for group in row_groups(split_files(data_root, dataset, split))
+        for row in reader.rows(group)
+    ]
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
@@ -65,9 +68,19 @@ def bare_loop(steps: int, eval_every: int, data_root: str) -> tuple[float, float
     stage = method.stages(hp)[0]
     optims = stage.optimizers(hp, modules, steps)
     modules.train()
-    ctx = StepContext(hp=hp, info=task.info, modules=modules, optimizers={n: o.optimizer for n, o in optims.items()},
-                      state={}, stage=stage.name, stage_step=0, stage_steps=steps, target_epoch=0,
-                      generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    ctx = StepContext(
+        hp=hp,
+        info=task.info,
+        modules=modules,
+        optimizers={n: o.optimizer for n, o in optims.items()},
+        state={},
+        stage=stage.name,
+        stage_step=0,
+        stage_steps=steps,
+        target_epoch=0,
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(source["image"]), generator=generator)
     miou = float("nan")
@@ -85,17 +98,19 @@ def bare_loop(steps: int, eval_every: int, data_root: str) -> tuple[float, float
             matrix = torch.zeros(task.info.num_classes, task.info.num_classes, dtype=torch.int64)
             with torch.no_grad():
                 for start in range(0, len(target["image"]), 16):
-                    logits = method.predict(hp, modules, target["image"][start:start + 16], stage.name)
-                    matrix += confusion_matrix(logits.argmax(1), target["label"][start:start + 16],
-                                               task.info.num_classes)
+                    logits = method.predict(hp, modules, target["image"][start : start + 16], stage.name)
+                    matrix += confusion_matrix(
+                        logits.argmax(1), target["label"][start : start + 16], task.info.num_classes
+                    )
             miou = mean_iou(matrix)
             modules.train()
     return time.perf_counter() - started, miou
 
 
 def platform_run(steps: int, eval_every: int, data_root: str, runner: str) -> dict[str, float]:
-    return train_command("source_only", "synthetic-urban", steps, eval_every, data_root,
-                         extra=("--trial-runner", runner))
+    return train_command(
+        "source_only", "synthetic-urban", steps, eval_every, data_root, extra=("--trial-runner", runner)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,15 +138,19 @@ def main(argv: list[str] | None = None) -> None:
             bare()
     mean_bare = statistics.mean(bare_runs)
     print(f"source_only on synthetic-urban, {args.steps} steps, evaluation every {args.eval_every} steps, 1 thread")
-    print(f"  bare PyTorch loop           {mean_bare:7.1f} s   (mean of {', '.join(f'{b:.1f}' for b in bare_runs)}; "
-          f"final target mIoU {bare_miou:.1f})")
+    print(
+        f"  bare PyTorch loop           {mean_bare:7.1f} s   (mean of {', '.join(f'{b:.1f}' for b in bare_runs)}; "
+        f"final target mIoU {bare_miou:.1f})"
+    )
     for runner, measured in runs.items():
         print(f"  trial runner {runner} ({len(measured)} run(s); means, ratio to the mean bare time):")
         for key, label in (("loop", "worker loop"), ("trial", "trial (MLflow run)"), ("command", "whole command")):
             values = [m[key] for _, m in measured]
-            neighbours = [m[key] / statistics.mean(bare_runs[i:i + 2]) for i, m in measured]
-            print(f"    {label:24s}{statistics.mean(values):7.1f} s   ratio {statistics.mean(values) / mean_bare:.2f}"
-                  f"   (each run vs its neighbouring bare runs: {', '.join(f'{r:.2f}' for r in neighbours)})")
+            neighbours = [m[key] / statistics.mean(bare_runs[i : i + 2]) for i, m in measured]
+            print(
+                f"    {label:24s}{statistics.mean(values):7.1f} s   ratio {statistics.mean(values) / mean_bare:.2f}"
+                f"   (each run vs its neighbouring bare runs: {', '.join(f'{r:.2f}' for r in neighbours)})"
+            )
         fixed = statistics.mean(m["trial"] - m["loop"] for _, m in measured)
         mious = ", ".join(f"{m['miou']:.1f}" for _, m in measured)
         print(f"    fixed cost per trial beyond the loop: {fixed:.1f} s; final target mIoU {mious}")

@@ -40,19 +40,33 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for workers in (1, args.workers):
         # both through Ray Train (the default runs a one-worker trial inline): one runtime, only W changes
-        extra = ["--workers", str(workers), "--trial-runner", "train", "--cpus-per-worker", str(args.cpus_per_worker),
-                 "--gpus-per-worker", str(args.gpus_per_worker), "--set", f"batch_size={args.batch_size}"]
+        extra = [
+            "--workers",
+            str(workers),
+            "--trial-runner",
+            "train",
+            "--cpus-per-worker",
+            str(args.cpus_per_worker),
+            "--gpus-per-worker",
+            str(args.gpus_per_worker),
+            "--set",
+            f"batch_size={args.batch_size}",
+        ]
         for override in args.overrides:
             extra += ["--set", override]
         results[workers] = train_command(args.method, args.task, args.steps, args.steps, data_root, extra)
-    print(f"{args.method} on {args.task}, {args.steps} steps, batch {args.batch_size} per worker, "
-          f"{args.cpus_per_worker} CPU(s) and {args.gpus_per_worker:g} GPU(s) per worker")
+    print(
+        f"{args.method} on {args.task}, {args.steps} steps, batch {args.batch_size} per worker, "
+        f"{args.cpus_per_worker} CPU(s) and {args.gpus_per_worker:g} GPU(s) per worker"
+    )
     print(f"{'workers':>7s} {'loop s':>8s} {'images/s':>9s} {'command s':>10s} {'mIoU':>6s}")
     rate = {}
     for workers, measured in results.items():
         rate[workers] = args.steps * args.batch_size * workers / measured["loop"]
-        print(f"{workers:7d} {measured['loop']:8.1f} {rate[workers]:9.1f} {measured['command']:10.1f} "
-              f"{measured['miou']:6.1f}")
+        print(
+            f"{workers:7d} {measured['loop']:8.1f} {rate[workers]:9.1f} {measured['command']:10.1f} "
+            f"{measured['miou']:6.1f}"
+        )
     speedup = rate[args.workers] / rate[1]
     print(f"throughput {args.workers} ÷ 1 workers = {speedup:.2f} (efficiency {speedup / args.workers:.2f})")
 

@@ -26,8 +26,9 @@ from platform import tasks
 
 def oracle_task(task: tasks.Task) -> tasks.Task:
     """The same task with the labelled target training split as its source: the target-trained upper bound."""
-    oracle = dataclasses.replace(task, name=f"{task.name}+oracle", source_train=task.target_train,
-                                 source_size=task.target_size)
+    oracle = dataclasses.replace(
+        task, name=f"{task.name}+oracle", source_train=task.target_train, source_size=task.target_size
+    )
     tasks.TASKS[oracle.name] = oracle
     return oracle
 
@@ -46,18 +47,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default=tasks.default_data_root())
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"{'task':22s} {'source-only mIoU':>18s} {'oracle mIoU':>14s} {'ratio':>7s}   (target val, {args.steps} steps, "
-          f"seeds {args.seeds})")
+    print(
+        f"{'task':22s} {'source-only mIoU':>18s} {'oracle mIoU':>14s} {'ratio':>7s}   (target val, {args.steps} steps, "
+        f"seeds {args.seeds})"
+    )
     for name in args.tasks.split(","):
         tasks.prepare(tasks.get(name), args.data_root)
         started = time.perf_counter()
-        results = parallel([(run, (task, s, args.steps, args.data_root)) for task in (name, f"{name}+oracle")
-                            for s in seeds])
-        source = [r["val_target/miou"] for r in results[:len(seeds)]]
-        target = [r["val_target/miou"] for r in results[len(seeds):]]
+        results = parallel(
+            [(run, (task, s, args.steps, args.data_root)) for task in (name, f"{name}+oracle") for s in seeds]
+        )
+        source = [r["val_target/miou"] for r in results[: len(seeds)]]
+        target = [r["val_target/miou"] for r in results[len(seeds) :]]
         ratio = statistics.mean(source) / statistics.mean(target)
-        print(f"{name:22s} {mean_std(source):>18s} {mean_std(target):>14s} {ratio:7.2f}   "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"{name:22s} {mean_std(source):>18s} {mean_std(target):>14s} {ratio:7.2f}   "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ docs/architecture.md), import it here and append it to `_METHODS`, and add `sear
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from methods import adaptsegnet, cscl, seuda, source_only
 from methods.contract import Method

@@ -42,8 +42,10 @@ class Hyperparams(SegmenterRecipe):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.lambda_adv >= 0, f"lambda_adv must be >= 0 (got {self.lambda_adv})")
-        require(self.discriminator_learning_rate > 0,
-                f"discriminator_learning_rate must be > 0 (got {self.discriminator_learning_rate})")
+        require(
+            self.discriminator_learning_rate > 0,
+            f"discriminator_learning_rate must be > 0 (got {self.discriminator_learning_rate})",
+        )
         for name in ("discriminator_beta1", "discriminator_beta2"):
             require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1) (got {getattr(self, name)})")
 
@@ -67,15 +69,21 @@ def output_map(logits: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def build(hp: Hyperparams, info: TaskInfo) -> nn.ModuleDict:
-    return nn.ModuleDict({"segmenter": recipe_segmenter(hp, info),
-                          "discriminator": output_space_discriminator(info.num_classes)})
+    return nn.ModuleDict(
+        {"segmenter": recipe_segmenter(hp, info), "discriminator": output_space_discriminator(info.num_classes)}
+    )
 
 
 def optimizers(hp: Hyperparams, modules: nn.ModuleDict, num_steps: int) -> dict[str, Optim]:
-    adam = torch.optim.Adam(modules["discriminator"].parameters(), lr=hp.discriminator_learning_rate,
-                            betas=(hp.discriminator_beta1, hp.discriminator_beta2))
-    return {"segmenter": recipe_optim(hp, modules["segmenter"], num_steps),
-            "discriminator": Optim(adam, poly_schedule(adam, num_steps, hp.poly_power))}
+    adam = torch.optim.Adam(
+        modules["discriminator"].parameters(),
+        lr=hp.discriminator_learning_rate,
+        betas=(hp.discriminator_beta1, hp.discriminator_beta2),
+    )
+    return {
+        "segmenter": recipe_optim(hp, modules["segmenter"], num_steps),
+        "discriminator": Optim(adam, poly_schedule(adam, num_steps, hp.poly_power)),
+    }
 
 
 def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
@@ -94,16 +102,25 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
 
     # 3. Discriminator on detached outputs of both domains.
     optimize_discriminator.zero_grad(set_to_none=True)
-    loss_d = discriminator_loss(discriminator(output_map(source_logits.detach(), source_size)),
-                                discriminator(output_map(target_logits.detach(), target_size)))
+    loss_d = discriminator_loss(
+        discriminator(output_map(source_logits.detach(), source_size)),
+        discriminator(output_map(target_logits.detach(), target_size)),
+    )
     loss_d.backward()
     optimize_discriminator.step()
     return {"loss_seg_source": loss_seg.detach(), "loss_adv_target": loss_adv.detach(), "loss_d": loss_d.detach()}
 
 
 def stages(hp: Hyperparams) -> tuple[Stage, ...]:
-    return (Stage(name="adapt", trains=("segmenter", "discriminator"), budget_share=1.0, optimizers=optimizers,
-                  step=train_step),)
+    return (
+        Stage(
+            name="adapt",
+            trains=("segmenter", "discriminator"),
+            budget_share=1.0,
+            optimizers=optimizers,
+            step=train_step,
+        ),
+    )
 
 
 @torch.no_grad()
@@ -118,6 +135,15 @@ METHOD = Method(
     build=build,
     stages=stages,
     predict=predict,
-    tasks=("synthetic-urban", "synthetic-endoscopy", "synthetic-cxr", "gta5-cityscapes", "synthia-cityscapes",
-           "cityscapes-nthu-rome", "cityscapes-nthu-rio", "cityscapes-nthu-tokyo", "cityscapes-nthu-taipei"),
+    tasks=(
+        "synthetic-urban",
+        "synthetic-endoscopy",
+        "synthetic-cxr",
+        "gta5-cityscapes",
+        "synthia-cityscapes",
+        "cityscapes-nthu-rome",
+        "cityscapes-nthu-rio",
+        "cityscapes-nthu-tokyo",
+        "cityscapes-nthu-taipei",
+    ),
 )

@@ -66,8 +66,9 @@ Choices the paper leaves open (each a hyperparameter where two readings are plau
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +79,7 @@ from methods.shared.discriminators import ConvDiscriminator
 from methods.shared.losses import domain_bce, segmentation_loss
 from methods.shared.optim import poly_schedule
 from methods.shared.recipes import SegmenterRecipe, recipe_optim, recipe_segmenter
-from methods.shared.segmenter import Features, Segmenter, imagenet_normalise, upsample
+from methods.shared.segmenter import Features, imagenet_normalise, upsample
 
 EPS = 1e-8
 
@@ -115,20 +116,30 @@ class Hyperparams(SegmenterRecipe):
         require(self.gamma > 0, f"gamma must be > 0 (got {self.gamma})")
         require(0 < self.selection_start <= 1, f"selection_start must be in (0, 1] (got {self.selection_start})")
         require(0 <= self.selection_step <= 1, f"selection_step must be in [0, 1] (got {self.selection_step})")
-        require(self.selection_start <= self.selection_max <= 1,
-                f"selection_max must be in [selection_start, 1] (got {self.selection_max})")
+        require(
+            self.selection_start <= self.selection_max <= 1,
+            f"selection_max must be in [selection_start, 1] (got {self.selection_max})",
+        )
         for name in ("segmenter_beta1", "segmenter_beta2"):
             require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1) (got {getattr(self, name)})")
         for name in ("discriminator_learning_rate", "agent_learning_rate"):
             require(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
-        require(0 <= self.discriminator_downsampling <= 5,
-                f"discriminator_downsampling must be in [0, 5] (got {self.discriminator_downsampling})")
+        require(
+            0 <= self.discriminator_downsampling <= 5,
+            f"discriminator_downsampling must be in [0, 5] (got {self.discriminator_downsampling})",
+        )
         require(0 <= self.centroid_momentum < 1, f"centroid_momentum must be in [0, 1) (got {self.centroid_momentum})")
         require(0 <= self.source_warmup < 1, f"source_warmup must be in [0, 1) (got {self.source_warmup})")
-        for name, valid in (("segmenter_optimizer", ("sgd", "adam")), ("modulation", ("residual", "multiply")),
-                            ("centroid_distribution", ("l1", "softmax")), ("centroids", ("ema", "batch")),
-                            ("pseudo_label_training", ("eq7", "alg2"))):
-            require(getattr(self, name) in valid, f"{name} must be one of {', '.join(valid)} (got {getattr(self, name)!r})")
+        for name, valid in (
+            ("segmenter_optimizer", ("sgd", "adam")),
+            ("modulation", ("residual", "multiply")),
+            ("centroid_distribution", ("l1", "softmax")),
+            ("centroids", ("ema", "batch")),
+            ("pseudo_label_training", ("eq7", "alg2")),
+        ):
+            require(
+                getattr(self, name) in valid, f"{name} must be one of {', '.join(valid)} (got {getattr(self, name)!r})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- modules
@@ -154,8 +165,9 @@ class TransferabilityCritic(nn.Module):
 
     def __init__(self, feature_channels: int):
         super().__init__()
-        self.state = nn.Sequential(_conv(feature_channels, 64), nn.ReLU(True), _conv(64, 32), nn.ReLU(True),
-                                   _conv(32, 16), nn.ReLU(True))
+        self.state = nn.Sequential(
+            _conv(feature_channels, 64), nn.ReLU(True), _conv(64, 32), nn.ReLU(True), _conv(32, 16), nn.ReLU(True)
+        )
         self.policy = nn.Sequential(_conv(1, 16), nn.ReLU(True), _conv(16, 16), nn.ReLU(True))
         self.value = _conv(32, 1)
 
@@ -273,7 +285,7 @@ def rewards(with_p: Tensor, without_p: Tensor, labels: Tensor) -> Tensor:
     """Eq. 4-5. with_p = C(F̃), without_p = C^b(F) probabilities and labels (one-hot or soft) all (B, K, H, W) →
     R = R^s + R^a (B, H, W) in {0, 1, 2}."""
     k = labels.argmax(1, keepdim=True)
-    segmentation = (with_p.argmax(1, keepdim=True) == k)
+    segmentation = with_p.argmax(1, keepdim=True) == k
     amelioration = with_p.gather(1, k) > without_p.gather(1, k)
     return (segmentation.float() + amelioration.float()).squeeze(1)
 
@@ -295,9 +307,10 @@ def critic_loss(value: Tensor) -> Tensor:
 
 def build(hp: Hyperparams, info: TaskInfo) -> nn.ModuleDict:
     segmenter = recipe_segmenter(hp, info)
-    modules = {"segmenter": segmenter,
-               "discriminator": ConvDiscriminator(segmenter.feature_channels,
-                                                  downsampling=hp.discriminator_downsampling)}
+    modules = {
+        "segmenter": segmenter,
+        "discriminator": ConvDiscriminator(segmenter.feature_channels, downsampling=hp.discriminator_downsampling),
+    }
     if hp.critical_transfer:
         modules["quantizer"] = TransferabilityQuantizer()
         modules["critic"] = TransferabilityCritic(segmenter.feature_channels)
@@ -353,8 +366,9 @@ def _thresholds(hp: Hyperparams, state: Mapping[str, Any], num_classes: int, dev
     return state["thresholds"].to(device) if hp.confidence_guided else torch.ones(num_classes, device=device)
 
 
-def _centroid_distributions(hp: Hyperparams, state: dict[str, Any], name: str, features: Tensor,
-                            weights: Tensor) -> tuple[Tensor, Tensor]:
+def _centroid_distributions(
+    hp: Hyperparams, state: dict[str, Any], name: str, features: Tensor, weights: Tensor
+) -> tuple[Tensor, Tensor]:
     """Class centroids of one domain as distributions (K, F), and which classes have one (K,) (choice 3)."""
     sums, counts = class_centroid_sums(features, weights)
     present = counts > EPS
@@ -366,8 +380,9 @@ def _centroid_distributions(hp: Hyperparams, state: dict[str, Any], name: str, f
             history = torch.zeros_like(batch).detach()
             seen = torch.zeros_like(present)
         history, seen = history.to(batch.device), seen.to(batch.device)
-        mixed = torch.where(seen.unsqueeze(1), hp.centroid_momentum * history + (1 - hp.centroid_momentum) * batch,
-                            batch)
+        mixed = torch.where(
+            seen.unsqueeze(1), hp.centroid_momentum * history + (1 - hp.centroid_momentum) * batch, batch
+        )
         current = torch.where(present.unsqueeze(1), mixed, history)
         state[f"centroids_{name}"] = current.detach()
         state[f"centroids_{name}_seen"] = seen | present
@@ -405,9 +420,12 @@ class Step:
 
 def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     hp = ctx.hp
-    step = Step(x_s=imagenet_normalise(batch.source_image), y_s=batch.source_label,
-                x_t=imagenet_normalise(batch.target_image),
-                delta=_thresholds(hp, ctx.state, ctx.info.num_classes, batch.target_image.device))
+    step = Step(
+        x_s=imagenet_normalise(batch.source_image),
+        y_s=batch.source_label,
+        x_t=imagenet_normalise(batch.target_image),
+        delta=_thresholds(hp, ctx.state, ctx.info.num_classes, batch.target_image.device),
+    )
     metrics = line4_update_segmenter_on_source(ctx, step)
     metrics.update(line5_pseudo_labels(ctx, step))
     metrics.update(line6_update_encoder_and_discriminator(ctx, step))
@@ -450,17 +468,20 @@ def line6_update_encoder_and_discriminator(ctx: StepContext, step: Step) -> dict
     loss_encoder = hp.xi2 * loss_adv
     metrics = {"loss_adv": loss_adv.detach()}
     if hp.symmetric_divergence:
-        weights_s = source_class_weights(_resize_labels(step.y_s, features_s.shape[-2:]), info.num_classes,
-                                         info.ignore_index)
+        weights_s = source_class_weights(
+            _resize_labels(step.y_s, features_s.shape[-2:]), info.num_classes, info.ignore_index
+        )
         dist_s, valid_s = _centroid_distributions(hp, ctx.state, "source", features_s, weights_s)
-        dist_t, valid_t = _centroid_distributions(hp, ctx.state, "target", features_t,
-                                                  target_class_weights(step.labels_t_features))
+        dist_t, valid_t = _centroid_distributions(
+            hp, ctx.state, "target", features_t, target_class_weights(step.labels_t_features)
+        )
         loss_div = symmetric_divergence(dist_s, dist_t, valid_s & valid_t)
         loss_encoder = loss_encoder + hp.xi3 * loss_div
         metrics["loss_div"] = loss_div.detach()
     _descend(ctx, "segmenter", loss_encoder)  # only E has gradients: C's are None and the optimiser skips them
-    loss_d = 0.5 * (domain_bce(discriminator(features_s.detach()), 1.0)
-                    + domain_bce(discriminator(features_t.detach()), 0.0))
+    loss_d = 0.5 * (
+        domain_bce(discriminator(features_s.detach()), 1.0) + domain_bce(discriminator(features_t.detach()), 0.0)
+    )
     _descend(ctx, "discriminator", loss_d)
     metrics["loss_d"] = loss_d.detach()
     return metrics
@@ -471,14 +492,19 @@ def line7_update_quantizer(ctx: StepContext, step: Step) -> dict[str, Tensor]:
     hp, modules, info = ctx.hp, ctx.modules, ctx.info
     features_s, features_t = _frozen_features(ctx, step)
     p_s, p_t = transferability_map(modules, features_s.main), transferability_map(modules, features_t.main)
-    loss_seg = segmentation_loss(segment(hp, modules, features_s, p_s), step.y_s, info.ignore_index) + \
-        target_segmentation_loss(step.labels_t, _probabilities(segment(hp, modules, features_t, p_t), step.size_t),
-                                 step.delta, hp.gamma)
+    loss_seg = segmentation_loss(
+        segment(hp, modules, features_s, p_s), step.y_s, info.ignore_index
+    ) + target_segmentation_loss(
+        step.labels_t, _probabilities(segment(hp, modules, features_t, p_t), step.size_t), step.delta, hp.gamma
+    )
     critic = modules["critic"]
     loss_cri = 0.5 * (critic_loss(critic(features_s.main, p_s)) + critic_loss(critic(features_t.main, p_t)))
     _descend(ctx, "quantizer", loss_seg + hp.xi1 * loss_cri)
-    return {"loss_seg_quantizer": loss_seg.detach(), "loss_cri": loss_cri.detach(),
-            "transferability_mean": 0.5 * (p_s.detach().mean() + p_t.detach().mean())}
+    return {
+        "loss_seg_quantizer": loss_seg.detach(),
+        "loss_cri": loss_cri.detach(),
+        "transferability_mean": 0.5 * (p_s.detach().mean() + p_t.detach().mean()),
+    }
 
 
 def line8_update_critic(ctx: StepContext, step: Step) -> dict[str, Tensor]:
@@ -487,16 +513,23 @@ def line8_update_critic(ctx: StepContext, step: Step) -> dict[str, Tensor]:
     features_s, features_t = _frozen_features(ctx, step)
     with torch.no_grad():
         p_s, p_t = transferability_map(modules, features_s.main), transferability_map(modules, features_t.main)
-        reward_s = rewards(_probabilities(segment(hp, modules, features_s, p_s), step.size_s),
-                           _probabilities(segment(hp, modules, features_s, None), step.size_s),
-                           source_class_weights(step.y_s, info.num_classes, info.ignore_index))
-        reward_t = rewards(_probabilities(segment(hp, modules, features_t, p_t), step.size_t),
-                           _probabilities(segment(hp, modules, features_t, None), step.size_t), step.labels_t)
+        reward_s = rewards(
+            _probabilities(segment(hp, modules, features_s, p_s), step.size_s),
+            _probabilities(segment(hp, modules, features_s, None), step.size_s),
+            source_class_weights(step.y_s, info.num_classes, info.ignore_index),
+        )
+        reward_t = rewards(
+            _probabilities(segment(hp, modules, features_t, p_t), step.size_t),
+            _probabilities(segment(hp, modules, features_t, None), step.size_t),
+            step.labels_t,
+        )
     critic = modules["critic"]
     value_s = upsample(critic(features_s.main, p_s), step.size_s)[:, 0]
     value_t = upsample(critic(features_t.main, p_t), step.size_t)[:, 0]
-    loss_reg = 0.5 * (reward_regression_loss(value_s, reward_s, step.y_s != info.ignore_index)
-                      + reward_regression_loss(value_t, reward_t, step.labels_t.sum(1) > 0))
+    loss_reg = 0.5 * (
+        reward_regression_loss(value_s, reward_s, step.y_s != info.ignore_index)
+        + reward_regression_loss(value_t, reward_t, step.labels_t.sum(1) > 0)
+    )
     _descend(ctx, "critic", loss_reg)
     return {"loss_reg": loss_reg.detach(), "reward_target_mean": reward_t.mean()}
 
@@ -505,8 +538,10 @@ def _frozen_features(ctx: StepContext, step: Step) -> tuple[Features, Features]:
     """E(x_s), E(x_t) without gradients, computed once for lines 7 and 8 (E does not change between them)."""
     if step.frozen_features is None:
         with torch.no_grad():
-            step.frozen_features = (ctx.modules["segmenter"].encode(step.x_s),
-                                    ctx.modules["segmenter"].encode(step.x_t))
+            step.frozen_features = (
+                ctx.modules["segmenter"].encode(step.x_s),
+                ctx.modules["segmenter"].encode(step.x_t),
+            )
     return step.frozen_features
 
 
@@ -543,10 +578,10 @@ def collect_confidences(ctx: StepContext, images: Tensor, image_labels: Tensor |
 
 def update_thresholds(ctx: StepContext, gathered: Mapping[str, Tensor]) -> dict[str, Any]:
     """Alg. 1, lines 8-11 over the whole target set, with S_A for the current epoch."""
-    portion = selection_amount(ctx.target_epoch, ctx.hp.selection_start, ctx.hp.selection_step,
-                               ctx.hp.selection_max)
-    thresholds = class_thresholds(gathered["confidence"].cpu(), gathered["prediction"].long().cpu(),
-                                  ctx.info.num_classes, portion)
+    portion = selection_amount(ctx.target_epoch, ctx.hp.selection_start, ctx.hp.selection_step, ctx.hp.selection_max)
+    thresholds = class_thresholds(
+        gathered["confidence"].cpu(), gathered["prediction"].long().cpu(), ctx.info.num_classes, portion
+    )
     return {"thresholds": thresholds, "selection_amount": portion}
 
 
@@ -562,20 +597,36 @@ def warmup_optimizers(hp: Hyperparams, modules: nn.ModuleDict, num_steps: int) -
 
 def warmup_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     """Choice 7: line 4 of Alg. 2 alone (E and C on the source term of L_seg), before pseudo labels are mined."""
-    step = Step(x_s=imagenet_normalise(batch.source_image), y_s=batch.source_label, x_t=batch.source_image[:0],
-                delta=torch.ones(ctx.info.num_classes))
+    step = Step(
+        x_s=imagenet_normalise(batch.source_image),
+        y_s=batch.source_label,
+        x_t=batch.source_image[:0],
+        delta=torch.ones(ctx.info.num_classes),
+    )
     return line4_update_segmenter_on_source(ctx, step)
 
 
 def stages(hp: Hyperparams) -> tuple[Stage, ...]:
     trains = ("segmenter", "discriminator") + (("quantizer", "critic") if hp.critical_transfer else ())
     target_pass = TargetPass("every_epoch", collect_confidences, update_thresholds) if hp.confidence_guided else None
-    adapt = Stage(name="adapt", trains=trains, budget_share=1.0 - hp.source_warmup, optimizers=optimizers,
-                  step=train_step, target_pass=target_pass)
+    adapt = Stage(
+        name="adapt",
+        trains=trains,
+        budget_share=1.0 - hp.source_warmup,
+        optimizers=optimizers,
+        step=train_step,
+        target_pass=target_pass,
+    )
     if hp.source_warmup == 0:
         return (adapt,)
-    warmup = Stage(name="source_warmup", trains=("segmenter",), budget_share=hp.source_warmup,
-                   optimizers=warmup_optimizers, step=warmup_step, uses_target=False)
+    warmup = Stage(
+        name="source_warmup",
+        trains=("segmenter",),
+        budget_share=hp.source_warmup,
+        optimizers=warmup_optimizers,
+        step=warmup_step,
+        uses_target=False,
+    )
     return warmup, adapt
 
 
@@ -588,11 +639,18 @@ def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: str)
 METHOD = Method(
     name="cscl",
     paper="Dong et al., CSCL: Critical Semantic-Consistent Learning for UDA, ECCV 2020 "
-          "(../shared/papers/002_c46badf92f1b9b44.txt)",
+    "(../shared/papers/002_c46badf92f1b9b44.txt)",
     hyperparams=Hyperparams,
     build=build,
     stages=stages,
     predict=predict,
-    tasks=("synthetic-urban", "gta5-cityscapes", "synthia-cityscapes", "cityscapes-nthu-rome", "cityscapes-nthu-rio",
-           "cityscapes-nthu-tokyo", "cityscapes-nthu-taipei"),
+    tasks=(
+        "synthetic-urban",
+        "gta5-cityscapes",
+        "synthia-cityscapes",
+        "cityscapes-nthu-rome",
+        "cityscapes-nthu-rio",
+        "cityscapes-nthu-tokyo",
+        "cityscapes-nthu-taipei",
+    ),
 )

@@ -110,11 +110,15 @@ class Hyperparams(SegmenterRecipe):
         for name in ("generator_filters", "generator_blocks", "discriminator_filters"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
         require(0 < self.segmenter_share < 1, f"segmenter_share must be in (0, 1) (got {self.segmenter_share})")
-        require(self.adaptation in ("seuda", "none", "histogram"),
-                f"adaptation must be one of seuda, none, histogram (got {self.adaptation!r})")
-        require(not (self.segmenter_weights and self.adaptation != "seuda"),
-                f"adaptation={self.adaptation} only trains the segmenter, which segmenter_weights already gives: "
-                "score that checkpoint with `python -m platform.evaluate checkpoint` instead")
+        require(
+            self.adaptation in ("seuda", "none", "histogram"),
+            f"adaptation must be one of seuda, none, histogram (got {self.adaptation!r})",
+        )
+        require(
+            not (self.segmenter_weights and self.adaptation != "seuda"),
+            f"adaptation={self.adaptation} only trains the segmenter, which segmenter_weights already gives: "
+            "score that checkpoint with `python -m platform.evaluate checkpoint` instead",
+        )
 
 
 # --------------------------------------------------------------------------------------------------- modules
@@ -135,8 +139,9 @@ class SourceHistogram(nn.Module):
 
 
 def build(hp: Hyperparams, info: TaskInfo) -> nn.ModuleDict:
-    modules = nn.ModuleDict({"segmenter": recipe_segmenter(hp, info),
-                             "source_histogram": SourceHistogram(info.in_channels)})
+    modules = nn.ModuleDict(
+        {"segmenter": recipe_segmenter(hp, info), "source_histogram": SourceHistogram(info.in_channels)}
+    )
     if hp.adaptation == "seuda":
         channels = info.in_channels
         modules["generator_t2s"] = ResnetGenerator(channels, channels, hp.generator_filters, hp.generator_blocks)
@@ -155,13 +160,15 @@ def _load_stage1(modules: nn.ModuleDict, path: str) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     for name in ("segmenter", "source_histogram"):
         prefix = f"{name}."
-        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not part:
             raise ValueError(f"{path} holds no {name!r} weights; give a checkpoint of a seuda trial")
         missing, unexpected = modules[name].load_state_dict(part, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: {name} does not fit (missing {sorted(missing)[:5]}, unexpected "
-                             f"{sorted(unexpected)[:5]}); was it trained with the same architecture and task?")
+            raise ValueError(
+                f"{path}: {name} does not fit (missing {sorted(missing)[:5]}, unexpected "
+                f"{sorted(unexpected)[:5]}); was it trained with the same architecture and task?"
+            )
         shapes = {k: v.shape for k, v in modules[name].state_dict().items()}
         bad = [k for k, v in part.items() if shapes[k] != v.shape]
         if bad:
@@ -223,8 +230,9 @@ def segmenter_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     """Stage 1: pixel-wise cross-entropy of f_s(x_s) against y_s (Sec. 2.1); the source histogram is accumulated."""
     optimizer = ctx.optimizers["segmenter"]
     optimizer.zero_grad(set_to_none=True)
-    loss = segmentation_loss(ctx.modules["segmenter"](imagenet_normalise(batch.source_image)), batch.source_label,
-                             ctx.info.ignore_index)
+    loss = segmentation_loss(
+        ctx.modules["segmenter"](imagenet_normalise(batch.source_image)), batch.source_label, ctx.info.ignore_index
+    )
     loss.backward()
     optimizer.step()
     ctx.modules["source_histogram"].add(batch.source_image)
@@ -270,8 +278,12 @@ def gan_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     loss_g.backward()
     optimizers["generators"].step()
 
-    metrics = {"loss_g": loss_g.detach(), "loss_gan_t2s": gan_t2s.detach(), "loss_gan_s2t": gan_s2t.detach(),
-               "loss_cyc": cyc.detach()}
+    metrics = {
+        "loss_g": loss_g.detach(),
+        "loss_gan_t2s": gan_t2s.detach(),
+        "loss_gan_s2t": gan_s2t.detach(),
+        "loss_cyc": cyc.detach(),
+    }
     pairs = [("discriminator_s", x_s, fake_s, "pool_s"), ("discriminator_t", x_t, fake_t, "pool_t")]
     if semantic:
         metrics["loss_sem"] = sem.detach()
@@ -290,15 +302,24 @@ def gan_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
 
 
 def stages(hp: Hyperparams) -> tuple[Stage, ...]:
-    segmenter = Stage(name="segmenter", trains=("segmenter", "source_histogram"),
-                      budget_share=1.0 if hp.adaptation != "seuda" else hp.segmenter_share,
-                      optimizers=segmenter_optimizers, step=segmenter_step, uses_target=False)
+    segmenter = Stage(
+        name="segmenter",
+        trains=("segmenter", "source_histogram"),
+        budget_share=1.0 if hp.adaptation != "seuda" else hp.segmenter_share,
+        optimizers=segmenter_optimizers,
+        step=segmenter_step,
+        uses_target=False,
+    )
     if hp.adaptation != "seuda":
         return (segmenter,)
     trains = GENERATORS + ("discriminator_s", "discriminator_t") + (("discriminator_m",) if hp.lambda_sem > 0 else ())
-    translate = Stage(name="translate", trains=trains,
-                      budget_share=1.0 if hp.segmenter_weights else 1.0 - hp.segmenter_share,
-                      optimizers=gan_optimizers, step=gan_step)
+    translate = Stage(
+        name="translate",
+        trains=trains,
+        budget_share=1.0 if hp.segmenter_weights else 1.0 - hp.segmenter_share,
+        optimizers=gan_optimizers,
+        step=gan_step,
+    )
     return (translate,) if hp.segmenter_weights else (segmenter, translate)
 
 
@@ -340,7 +361,7 @@ def histogram_match(images: Tensor, counts: Tensor) -> Tensor:
         weights = counts[channel].cpu().numpy()
         if weights.sum() == 0:
             raise ValueError("the source histogram is empty: adaptation=histogram needs a trained stage 1")
-        repeats = np.round(weights / weights.sum() * 2 ** 20).astype(np.int64)
+        repeats = np.round(weights / weights.sum() * 2**20).astype(np.int64)
         reference = np.repeat(np.arange(LEVELS, dtype=np.uint8), repeats)[None]  # a 1 x N "image"
         for index in range(images.shape[0]):
             image = (images[index, channel].clamp(0, 1) * (LEVELS - 1)).round().to(torch.uint8).cpu().numpy()
@@ -381,7 +402,7 @@ def samples(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: str)
 METHOD = Method(
     name="seuda",
     paper="Chen et al., Semantic-Aware Generative Adversarial Nets for Unsupervised Domain Adaptation in Chest X-ray "
-          "Segmentation, MICCAI DLMIA 2018 (../shared/papers/003_2b3d70deb7bd4c82.txt)",
+    "Segmentation, MICCAI DLMIA 2018 (../shared/papers/003_2b3d70deb7bd4c82.txt)",
     hyperparams=Hyperparams,
     build=build,
     stages=stages,

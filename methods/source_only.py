@@ -49,8 +49,16 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
 
 
 def stages(hp: Hyperparams) -> tuple[Stage, ...]:
-    return (Stage(name="source", trains=("segmenter",), budget_share=1.0, optimizers=optimizers, step=train_step,
-                  uses_target=False),)
+    return (
+        Stage(
+            name="source",
+            trains=("segmenter",),
+            budget_share=1.0,
+            optimizers=optimizers,
+            step=train_step,
+            uses_target=False,
+        ),
+    )
 
 
 @torch.no_grad()
@@ -65,7 +73,17 @@ METHOD = Method(
     build=build,
     stages=stages,
     predict=predict,
-    tasks=("synthetic-urban", "synthetic-endoscopy", "synthetic-cxr", "gta5-cityscapes", "synthia-cityscapes",
-           "cityscapes-nthu-rome", "cityscapes-nthu-rio", "cityscapes-nthu-tokyo", "cityscapes-nthu-taipei",
-           "endoscopy", "montgomery-jsrt"),
+    tasks=(
+        "synthetic-urban",
+        "synthetic-endoscopy",
+        "synthetic-cxr",
+        "gta5-cityscapes",
+        "synthia-cityscapes",
+        "cityscapes-nthu-rome",
+        "cityscapes-nthu-rio",
+        "cityscapes-nthu-tokyo",
+        "cityscapes-nthu-taipei",
+        "endoscopy",
+        "montgomery-jsrt",
+    ),
 )

@@ -32,4 +32,6 @@ def _load_stdlib_platform():
 
 
 _stdlib = _load_stdlib_platform()
-globals().update({name: value for name, value in vars(_stdlib).items() if not (name.startswith("__") and name.endswith("__"))})
+globals().update(
+    {name: value for name, value in vars(_stdlib).items() if not (name.startswith("__") and name.endswith("__"))}
+)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ def load_modules(weights_path: str) -> tuple[nn.ModuleDict, dict[str, Any]]:
         meta = json.load(handle)
     method = methods.get(meta["method"])
     # The checkpoint holds every weight: do not read the initialisation files the run started from.
-    cleared = {name: "" for name in weights_file_fields(method.hyperparams)}
+    cleared = dict.fromkeys(weights_file_fields(method.hyperparams), "")
     hp = methods.make_hyperparams(method, {**meta["hyperparams"], **cleared})
     modules = method.build(hp, tasks.get(meta["task"]).info)
     modules.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))

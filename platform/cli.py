@@ -17,8 +17,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from platform import cluster, config, tasks, tracking
 from platform.config import Resolved, Sweep, UsageError
@@ -52,50 +53,87 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(single: bool) -> argparse.ArgumentParser:
     prog = "python -m platform.train" if single else "python -m platform.sweep"
-    description = ("Train one configuration of a method as a Ray Tune trial, tracked in MLflow." if single else
-                   "Sweep a method's hyperparameters with Ray Tune (+ Optuna), tracked in MLflow. A one-worker trial "
-                   "trains in its Tune trial's process; --workers N > 1 makes each trial a Ray Train run.")
-    parser = _Parser(prog=prog, description=description, epilog=TRAIN_EXAMPLES if single else SWEEP_EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    description = (
+        "Train one configuration of a method as a Ray Tune trial, tracked in MLflow."
+        if single
+        else "Sweep a method's hyperparameters with Ray Tune (+ Optuna), tracked in MLflow. A one-worker trial "
+        "trains in its Tune trial's process; --workers N > 1 makes each trial a Ray Train run."
+    )
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        epilog=TRAIN_EXAMPLES if single else SWEEP_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("method", help="registered method (see methods/__init__.py)")
     parser.add_argument("--task", help="task name (default: the method's default task, a synthetic one)")
     if single:
         parser.add_argument("--seed", type=int, default=0)
     else:
         parser.add_argument("--grid", help="named grid of search_spaces/<method>.py (Tune grid search)")
-        parser.add_argument("--search", choices=("random", "tpe"),
-                            help="sample --num-samples configurations from the search space's RANGES; random "
-                                 "(default) or Optuna TPE; the first configuration is always the defaults")
-        parser.add_argument("--num-samples", type=int, help="--search: configurations to sample (default 2); "
-                                                            "--grid: repeats of every point (default 1)")
+        parser.add_argument(
+            "--search",
+            choices=("random", "tpe"),
+            help="sample --num-samples configurations from the search space's RANGES; random "
+            "(default) or Optuna TPE; the first configuration is always the defaults",
+        )
+        parser.add_argument(
+            "--num-samples",
+            type=int,
+            help="--search: configurations to sample (default 2); --grid: repeats of every point (default 1)",
+        )
         parser.add_argument("--scheduler", choices=("asha",), help="early stopping of weak trials")
         parser.add_argument("--seeds", default="0", help="comma-separated seeds, an axis of the sweep (default 0)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a Hyperparams field (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a Hyperparams field (repeatable)",
+    )
     parser.add_argument("--max-steps", type=int, help="optimiser steps per trial (default: the search space's)")
     parser.add_argument("--eval-every", type=int, help="evaluate on target val every N steps (default max_steps/5)")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (data parallel)")
     parser.add_argument("--cpus-per-worker", type=int, default=1)
     parser.add_argument("--gpus-per-worker", type=float, default=0)
-    parser.add_argument("--sync-batchnorm", action="store_true",
-                        help="batch-norm statistics over all workers of a trial (GPU workers only)")
+    parser.add_argument(
+        "--sync-batchnorm",
+        action="store_true",
+        help="batch-norm statistics over all workers of a trial (GPU workers only)",
+    )
     parser.add_argument("--max-failures", type=int, default=0, help="retries of a trial from its latest checkpoint")
-    parser.add_argument("--trial-runner", choices=config.RUNNERS, default="auto",
-                        help="how a trial trains: train = a Ray Train worker group (TorchTrainer); inline = in the "
-                             "Tune trial's own process (one worker, ~12 s less per trial); auto (default) = inline "
-                             "for --workers 1, else train")
+    parser.add_argument(
+        "--trial-runner",
+        choices=config.RUNNERS,
+        default="auto",
+        help="how a trial trains: train = a Ray Train worker group (TorchTrainer); inline = in the "
+        "Tune trial's own process (one worker, ~12 s less per trial); auto (default) = inline "
+        "for --workers 1, else train",
+    )
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
     parser.add_argument("--storage-path", help=f"Ray results and checkpoints (default {config.DEFAULT_STORAGE})")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                               "sqlite:///$PWD/mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)"
+    )
     parser.add_argument("--experiment", help="MLflow experiment (default: METHOD/TASK)")
-    parser.add_argument("--data-root", help="prepared datasets: a directory or a URI such as s3://bucket/data "
-                                            "(default: $UDA_DATA_ROOT, else ~/.cache/uda-platform/data)")
+    parser.add_argument(
+        "--data-root",
+        help="prepared datasets: a directory or a URI such as s3://bucket/data "
+        "(default: $UDA_DATA_ROOT, else ~/.cache/uda-platform/data)",
+    )
     parser.add_argument("--name", help="sweep name (default: METHOD-TASK-MODE-TIMESTAMP); reuse it with --resume")
-    parser.add_argument("--resume", action="store_true", help="continue the sweep --name (or the latest sweep of "
-                                                              "this method and task) without rerunning finished trials")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="with --resume: run the sweep's failed trials again from scratch (e.g. after a fix)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep --name (or the latest sweep of "
+        "this method and task) without rerunning finished trials",
+    )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: run the sweep's failed trials again from scratch (e.g. after a fix)",
+    )
     return parser
 
 
@@ -113,7 +151,7 @@ class Plan:
 
     @property
     def runner(self) -> str:
-        """"inline" or "train" (platform.tuning); sweeps saved before --trial-runner existed ran through Ray Train."""
+        """ "inline" or "train" (platform.tuning); sweeps saved before --trial-runner existed ran through Ray Train."""
         return config.trial_runner(getattr(self.args, "trial_runner", config.TRAIN), self.args.workers)
 
 
@@ -121,39 +159,54 @@ def make_plan(args: argparse.Namespace, single: bool) -> Plan:
     resolved_method = config.resolve(args.method, args.task)  # method/task first, for the error order users expect
     overrides = config.parse_overrides(resolved_method.method, args.overrides)
     resolved = config.resolve(args.method, args.task, overrides, args.max_steps, args.eval_every)
-    for flag, value, minimum in (("--workers", args.workers, 1), ("--cpus-per-worker", args.cpus_per_worker, 1),
-                                 ("--max-failures", args.max_failures, -1)):
+    for flag, value, minimum in (
+        ("--workers", args.workers, 1),
+        ("--cpus-per-worker", args.cpus_per_worker, 1),
+        ("--max-failures", args.max_failures, -1),
+    ):
         if value < minimum:
             raise UsageError(f"{flag} must be >= {minimum} (got {value})")
     if getattr(args, "trial_runner", "auto") == "inline" and args.workers > 1:
-        raise UsageError(f"--trial-runner inline trains in one process: use --workers 1, or --trial-runner train "
-                         f"(or auto) for {args.workers} workers")
+        raise UsageError(
+            f"--trial-runner inline trains in one process: use --workers 1, or --trial-runner train "
+            f"(or auto) for {args.workers} workers"
+        )
     if args.gpus_per_worker < 0:
         raise UsageError(f"--gpus-per-worker must be >= 0 (got {args.gpus_per_worker})")
     if args.sync_batchnorm and args.gpus_per_worker <= 0:
-        raise UsageError("--sync-batchnorm needs GPU workers (torch's SyncBatchNorm is CUDA-only): add "
-                         "--gpus-per-worker 1, or drop it (CPU workers then normalise with their own batch)")
+        raise UsageError(
+            "--sync-batchnorm needs GPU workers (torch's SyncBatchNorm is CUDA-only): add "
+            "--gpus-per-worker 1, or drop it (CPU workers then normalise with their own batch)"
+        )
     if single:
         sweep = Sweep("grid", ({},), (args.seed,), 1)
     else:
         seeds = config.parse_seeds(args.seeds)
-        sweep = config.plan_sweep(resolved, args.grid, args.search, args.num_samples, seeds, list(overrides),
-                                  sampling_seed=seeds[0])
+        sweep = config.plan_sweep(
+            resolved, args.grid, args.search, args.num_samples, seeds, list(overrides), sampling_seed=seeds[0]
+        )
     mode = "train" if single else (f"grid-{sweep.grid_name}" if sweep.mode == "grid" else sweep.mode)
     storage = _storage(args)
-    name = args.name or (None if args.resume else
-                         f"{resolved.method.name}-{resolved.task.name}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = args.name or (
+        None if args.resume else f"{resolved.method.name}-{resolved.task.name}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     if getattr(args, "retry_failed", False) and not args.resume:
         raise UsageError("--retry-failed applies to --resume only: add --resume (and --name of the sweep)")
     if args.resume and args.name and "://" not in storage and not os.path.isdir(os.path.join(storage, args.name)):
         raise UsageError(f"--resume: no sweep named {args.name!r} under {storage} (check --name and --storage-path)")
     if args.resume and name is None:
         name = _latest_sweep(storage, f"{resolved.method.name}-{resolved.task.name}-")
-    return Plan(resolved=resolved, sweep=sweep, args=args,
-                data_root=resolve_root(args.data_root or tasks.default_data_root()),
-                storage_path=storage, tracking_uri=args.tracking_uri or tracking.default_tracking_uri(),
-                experiment=args.experiment or f"{resolved.method.name}/{resolved.task.name}", name=name,
-                scheduler=None if single else args.scheduler)
+    return Plan(
+        resolved=resolved,
+        sweep=sweep,
+        args=args,
+        data_root=resolve_root(args.data_root or tasks.default_data_root()),
+        storage_path=storage,
+        tracking_uri=args.tracking_uri or tracking.default_tracking_uri(),
+        experiment=args.experiment or f"{resolved.method.name}/{resolved.task.name}",
+        name=name,
+        scheduler=None if single else args.scheduler,
+    )
 
 
 def _latest_sweep(storage: str, prefix: str) -> str:
@@ -198,18 +251,39 @@ def probe_costs(plan: Plan) -> Costs | None:
         generator = torch.Generator().manual_seed(0)
         images = torch.rand(hp.batch_size, info.in_channels, height, width, generator=generator)
         labels = torch.randint(0, info.num_classes, (hp.batch_size, height, width), generator=generator)
-        batch = Batch(source_image=images, source_label=labels,
-                      target_image=images.clone() if stage.uses_target else None,
-                      target_image_label=torch.ones(hp.batch_size, info.num_classes) if info.target_image_labels else None)
+        batch = Batch(
+            source_image=images,
+            source_label=labels,
+            target_image=images.clone() if stage.uses_target else None,
+            target_image_label=torch.ones(hp.batch_size, info.num_classes) if info.target_image_labels else None,
+        )
         for name, module in modules.items():
             module.train(name in stage.trains)
-        ctx = StepContext(hp=hp, info=info, modules=modules, optimizers={n: o.optimizer for n, o in optims.items()},
-                          state=resolved.method.init_state(hp, info), stage=stage.name, stage_step=0, stage_steps=100,
-                          target_epoch=0, generator=generator, device=torch.device("cpu"))
+        ctx = StepContext(
+            hp=hp,
+            info=info,
+            modules=modules,
+            optimizers={n: o.optimizer for n, o in optims.items()},
+            state=resolved.method.init_state(hp, info),
+            stage=stage.name,
+            stage_step=0,
+            stage_steps=100,
+            target_epoch=0,
+            generator=generator,
+            device=torch.device("cpu"),
+        )
         if stage.target_pass is not None:  # the state a pass over the target set would leave (e.g. thresholds)
             with torch.no_grad():
-                ctx.state.update(stage.target_pass.update(ctx, stage.target_pass.collect(
-                    ctx, batch.target_image if batch.target_image is not None else images, batch.target_image_label)))
+                ctx.state.update(
+                    stage.target_pass.update(
+                        ctx,
+                        stage.target_pass.collect(
+                            ctx,
+                            batch.target_image if batch.target_image is not None else images,
+                            batch.target_image_label,
+                        ),
+                    )
+                )
         timings = []
         for _ in range(3):
             started = time.perf_counter()
@@ -242,12 +316,15 @@ def describe(plan: Plan, costs: Costs | None, concurrency: int) -> str:
     elif len(sweep.points) == 1 and not sweep.points[0]:
         what = "one configuration"
     else:
-        what = (f"random search over {', '.join(resolved.space.ranges)} ({len(sweep.points)} configurations, "
-                "defaults first)")
-    lines = [f"{resolved.method.name} on {resolved.task.name}: {what} × seeds {list(sweep.seeds)} = "
-             f"{sweep.num_trials} trial(s) of {resolved.max_steps} steps, evaluated every {resolved.eval_every} steps",
-             f"  {plan.args.workers} worker(s) per trial ({RUNNER_WORDS[plan.runner]}), "
-             f"{concurrency} trial(s) at a time"]
+        what = (
+            f"random search over {', '.join(resolved.space.ranges)} ({len(sweep.points)} configurations, "
+            "defaults first)"
+        )
+    lines = [
+        f"{resolved.method.name} on {resolved.task.name}: {what} × seeds {list(sweep.seeds)} = "
+        f"{sweep.num_trials} trial(s) of {resolved.max_steps} steps, evaluated every {resolved.eval_every} steps",
+        f"  {plan.args.workers} worker(s) per trial ({RUNNER_WORDS[plan.runner]}), {concurrency} trial(s) at a time",
+    ]
     if costs is not None:
         at_once = min(concurrency, sweep.num_trials)
         busy = at_once * plan.args.workers * plan.args.cpus_per_worker >= (os.cpu_count() or 1)
@@ -256,16 +333,17 @@ def describe(plan: Plan, costs: Costs | None, concurrency: int) -> str:
         overhead = TRIAL_OVERHEAD_S[plan.runner]
         per_trial = overhead + (resolved.max_steps * costs.step_s + evaluations * costs.eval_s) * slowdown
         total = RAY_START_S + math.ceil(sweep.num_trials / concurrency) * per_trial
-        lines.append(f"  expected duration: about {_minutes(total)} ({costs.step_s:.2f} s/step and "
-                     f"{costs.eval_s:.1f} s/evaluation measured here, ~{overhead:.0f} s fixed cost per trial)")
+        lines.append(
+            f"  expected duration: about {_minutes(total)} ({costs.step_s:.2f} s/step and "
+            f"{costs.eval_s:.1f} s/evaluation measured here, ~{overhead:.0f} s fixed cost per trial)"
+        )
     else:
         lines.append("  expected duration: not estimated here (GPU trials or real data; see benchmarks/)")
     lines.append(f"  sweep {plan.name}; results in {plan.storage_path}; tracking {plan.tracking_uri}")
     return "\n".join(lines)
 
 
-RUNNER_WORDS = {config.INLINE: "inline: trained in the Tune trial's process",
-                config.TRAIN: "a Ray Train worker group"}
+RUNNER_WORDS = {config.INLINE: "inline: trained in the Tune trial's process", config.TRAIN: "a Ray Train worker group"}
 
 
 def _minutes(seconds: float) -> str:
@@ -319,12 +397,16 @@ def resume_args(args: argparse.Namespace, single: bool) -> argparse.Namespace:
     given = vars(args)
     if given.get("task") and config.resolve(saved["method"], saved.get("task")).task.name == resolved.task.name:
         given = {**given, "task": saved.get("task")}  # --task naming the sweep's default task is no change
-    changed = [key for key, value in given.items() if key not in RESUME_MAY_CHANGE and value != defaults.get(key)
-               and value != saved.get(key)]
+    changed = [
+        key
+        for key, value in given.items()
+        if key not in RESUME_MAY_CHANGE and value != defaults.get(key) and value != saved.get(key)
+    ]
     if changed:
         shown = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (the sweep has {saved.get(k)!r})" for k in changed)
-        raise UsageError(f"--resume continues sweep {name!r} with the settings it started with; drop {shown}, "
-                         "or start a new sweep")
+        raise UsageError(
+            f"--resume continues sweep {name!r} with the settings it started with; drop {shown}, or start a new sweep"
+        )
     merged = {**saved, **{key: given[key] for key in RESUME_MAY_CHANGE if key in given}}
     merged["name"] = name
     return argparse.Namespace(**merged)
@@ -342,8 +424,10 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
     resolved = plan.resolved
     try:
         if resolved.task.synthetic:
-            print(f"Preparing {resolved.task.name} data under {plan.data_root} (generated on first use, then cached)",
-                  flush=True)
+            print(
+                f"Preparing {resolved.task.name} data under {plan.data_root} (generated on first use, then cached)",
+                flush=True,
+            )
         fingerprints = tasks.prepare(resolved.task, plan.data_root)
     except DatasetNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -352,14 +436,21 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
 
     cluster.connect(plan.args.address)
     available = cluster.resources()
-    if plan.args.gpus_per_worker > 0 and available.gpus < plan.args.workers * plan.args.gpus_per_worker \
-            and plan.args.address is None and not cluster.in_ray_job():
-        print(f"error: a trial needs {plan.args.workers * plan.args.gpus_per_worker:g} GPU(s) and this machine's Ray "
-              f"cluster has {available.gpus:g}; lower --gpus-per-worker or pass --address of a GPU cluster",
-              file=sys.stderr)
+    if (
+        plan.args.gpus_per_worker > 0
+        and available.gpus < plan.args.workers * plan.args.gpus_per_worker
+        and plan.args.address is None
+        and not cluster.in_ray_job()
+    ):
+        print(
+            f"error: a trial needs {plan.args.workers * plan.args.gpus_per_worker:g} GPU(s) and this machine's Ray "
+            f"cluster has {available.gpus:g}; lower --gpus-per-worker or pass --address of a GPU cluster",
+            file=sys.stderr,
+        )
         return 2
-    concurrency = cluster.max_concurrent_trials(available, plan.args.workers, plan.args.cpus_per_worker,
-                                                plan.args.gpus_per_worker)
+    concurrency = cluster.max_concurrent_trials(
+        available, plan.args.workers, plan.args.cpus_per_worker, plan.args.gpus_per_worker
+    )
     print(describe(plan, costs, concurrency), flush=True)
     return run_sweep(plan, fingerprints, concurrency)
 
@@ -375,10 +466,13 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
     code = tracking.code_version(cluster.REPOSITORY_ROOT)
     parent = tracker.find_sweep(experiment_id, plan.name) if plan.args.resume else None
     if parent is None:
-        parent = tracker.start_sweep(experiment_id, plan.name, params=_sweep_params(plan),
-                                     tags={"method": resolved.method.name, "task": resolved.task.name,
-                                           "code_version": code},
-                                     artifacts={"sweep.json": json.dumps(_sweep_definition(plan), indent=2, default=str)})
+        parent = tracker.start_sweep(
+            experiment_id,
+            plan.name,
+            params=_sweep_params(plan),
+            tags={"method": resolved.method.name, "task": resolved.task.name, "code_version": code},
+            artifacts={"sweep.json": json.dumps(_sweep_definition(plan), indent=2, default=str)},
+        )
     else:
         tracker.client.update_run(parent, status="RUNNING")
         if plan.args.retry_failed:  # Tune runs them again as new trials (new ids, new MLflow runs)
@@ -386,18 +480,32 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
                 if run.info.status == "FAILED":
                     tracker.client.set_tag(run.info.run_id, tracking.RETRIED_TAG, "run again by --retry-failed")
     template = tuning.TrialTemplate(
-        method=resolved.method.name, task=resolved.task.name, base=dict(resolved.base), max_steps=resolved.max_steps,
-        eval_every=resolved.eval_every, data_root=plan.data_root,
-        storage_path=os.path.join(plan.storage_path, plan.name, "train"), sweep_name=plan.name,
-        workers=plan.args.workers, cpus_per_worker=plan.args.cpus_per_worker,
-        gpus_per_worker=plan.args.gpus_per_worker, max_failures=plan.args.max_failures,
-        sync_batchnorm=plan.args.sync_batchnorm, runner=plan.runner,
-        tracking_uri=plan.tracking_uri, experiment_id=experiment_id, parent_run_id=parent, code_version=code,
-        fingerprints=fingerprints, defaults=config.hyperparams_dict(resolved.method, resolved.base))
+        method=resolved.method.name,
+        task=resolved.task.name,
+        base=dict(resolved.base),
+        max_steps=resolved.max_steps,
+        eval_every=resolved.eval_every,
+        data_root=plan.data_root,
+        storage_path=os.path.join(plan.storage_path, plan.name, "train"),
+        sweep_name=plan.name,
+        workers=plan.args.workers,
+        cpus_per_worker=plan.args.cpus_per_worker,
+        gpus_per_worker=plan.args.gpus_per_worker,
+        max_failures=plan.args.max_failures,
+        sync_batchnorm=plan.args.sync_batchnorm,
+        runner=plan.runner,
+        tracking_uri=plan.tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+        code_version=code,
+        fingerprints=fingerprints,
+        defaults=config.hyperparams_dict(resolved.method, resolved.base),
+    )
     inline = plan.runner == config.INLINE
-    trainable = tune.with_resources(tune.with_parameters(tuning.run_trial, template=template),
-                                    cluster.trial_resources(inline, plan.args.workers, plan.args.cpus_per_worker,
-                                                            plan.args.gpus_per_worker))
+    trainable = tune.with_resources(
+        tune.with_parameters(tuning.run_trial, template=template),
+        cluster.trial_resources(inline, plan.args.workers, plan.args.cpus_per_worker, plan.args.gpus_per_worker),
+    )
     experiment_path = os.path.join(plan.storage_path, plan.name)
     if not plan.args.resume:
         save_sweep_args(plan.args, plan.storage_path, plan.name)
@@ -407,23 +515,35 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
     status, results = "FAILED", None
     try:
         if plan.args.resume and tune.Tuner.can_restore(experiment_path):
-            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=plan.args.retry_failed)
+            tuner = tune.Tuner.restore(
+                experiment_path,
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=False,
+                restart_errored=plan.args.retry_failed,
+            )
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space=tuning.param_space(sweep, resolved.space.ranges),
                 tune_config=tune.TuneConfig(
-                    metric=PRIMARY_METRIC, mode=tuning.MODE, num_samples=tuning.num_tune_samples(sweep),
+                    metric=PRIMARY_METRIC,
+                    mode=tuning.MODE,
+                    num_samples=tuning.num_tune_samples(sweep),
                     search_alg=tuning.searcher(sweep, sweep.seeds[0]),
                     scheduler=tuning.scheduler(plan.scheduler, resolved.max_steps, resolved.eval_every),
-                    max_concurrent_trials=concurrency, trial_dirname_creator=lambda trial: trial.trial_id,
-                    trial_name_creator=lambda trial: trial.trial_id),
+                    max_concurrent_trials=concurrency,
+                    trial_dirname_creator=lambda trial: trial.trial_id,
+                    trial_name_creator=lambda trial: trial.trial_id,
+                ),
                 # inline trials checkpoint and retry through Tune; Train trials through their TorchTrainer
                 run_config=tune.RunConfig(
-                    name=plan.name, storage_path=plan.storage_path, verbose=1,
+                    name=plan.name,
+                    storage_path=plan.storage_path,
+                    verbose=1,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2) if inline else None,
-                    failure_config=tune.FailureConfig(max_failures=plan.args.max_failures if inline else 0)),
+                    failure_config=tune.FailureConfig(max_failures=plan.args.max_failures if inline else 0),
+                ),
             )
         results = tuner.fit()
         status = "FINISHED" if results.num_terminated else "FAILED"
@@ -469,26 +589,43 @@ def _parent_reason(status: str, results: Any) -> str:
 
 def _sweep_params(plan: Plan) -> dict[str, Any]:
     sweep = plan.sweep
-    return {"method": plan.resolved.method.name, "task": plan.resolved.task.name, "mode": sweep.mode,
-            "grid": sweep.grid_name or "", "num_trials": sweep.num_trials, "seeds": ",".join(map(str, sweep.seeds)),
-            "max_steps": plan.resolved.max_steps, "eval_every": plan.resolved.eval_every,
-            "workers": plan.args.workers, "scheduler": plan.scheduler or "",
-            "overrides": json.dumps(dict(plan.resolved.base), default=str)}
+    return {
+        "method": plan.resolved.method.name,
+        "task": plan.resolved.task.name,
+        "mode": sweep.mode,
+        "grid": sweep.grid_name or "",
+        "num_trials": sweep.num_trials,
+        "seeds": ",".join(map(str, sweep.seeds)),
+        "max_steps": plan.resolved.max_steps,
+        "eval_every": plan.resolved.eval_every,
+        "workers": plan.args.workers,
+        "scheduler": plan.scheduler or "",
+        "overrides": json.dumps(dict(plan.resolved.base), default=str),
+    }
 
 
 def _sweep_definition(plan: Plan) -> dict[str, Any]:
-    return {**_sweep_params(plan), "points": list(plan.sweep.points), "ranges": dict(plan.resolved.space.ranges),
-            "num_samples": plan.sweep.num_samples, "argv": sys.argv, "data_root": plan.data_root,
-            "storage_path": plan.storage_path}
+    return {
+        **_sweep_params(plan),
+        "points": list(plan.sweep.points),
+        "ranges": dict(plan.resolved.space.ranges),
+        "num_samples": plan.sweep.num_samples,
+        "argv": sys.argv,
+        "data_root": plan.data_root,
+        "storage_path": plan.storage_path,
+    }
 
 
-def _summarise(plan: Plan, tracker: tracking.Tracker, experiment_id: str, parent: str, results: Any,
-               status: str) -> None:
+def _summarise(
+    plan: Plan, tracker: tracking.Tracker, experiment_id: str, parent: str, results: Any, status: str
+) -> None:
     runs = [r for r in tracker.children(experiment_id, parent) if tracking.RETRIED_TAG not in r.data.tags]
     finished = [r for r in runs if r.info.status == "FINISHED"]
     failed = [r for r in runs if r.info.status == "FAILED"]
-    print(f"\nSweep {plan.name}: {status}. {len(finished)} trial(s) finished, {len(failed)} failed, "
-          f"{len(runs) - len(finished) - len(failed)} killed.")
+    print(
+        f"\nSweep {plan.name}: {status}. {len(finished)} trial(s) finished, {len(failed)} failed, "
+        f"{len(runs) - len(finished) - len(failed)} killed."
+    )
     for run in failed:
         print(f"  failed: {run.info.run_name}: {run.data.tags.get(tracking.REASON_TAG, '')}")
     scored = [r for r in finished if "val_target/best_miou" in r.data.metrics]
@@ -498,17 +635,22 @@ def _summarise(plan: Plan, tracker: tracking.Tracker, experiment_id: str, parent
         shown = {k: best.data.params.get(k) for k in (*swept, "seed")}
         artifacts = f"{best.info.artifact_uri}/checkpoints"
         print(f"Best configuration: {' '.join(f'{k}={v}' for k, v in shown.items())}  ({best.info.run_name})")
-        print(f"  target val mIoU: {best.data.metrics['val_target/best_miou']:.2f} (best evaluation), "
-              f"{best.data.metrics.get(PRIMARY_METRIC, float('nan')):.2f} (last)")
-        per_class = {k.rsplit('/', 1)[-1]: v for k, v in best.data.metrics.items() if k.startswith("val_target/iou/")}
+        print(
+            f"  target val mIoU: {best.data.metrics['val_target/best_miou']:.2f} (best evaluation), "
+            f"{best.data.metrics.get(PRIMARY_METRIC, float('nan')):.2f} (last)"
+        )
+        per_class = {k.rsplit("/", 1)[-1]: v for k, v in best.data.metrics.items() if k.startswith("val_target/iou/")}
         if per_class:
             print("  per-class IoU (last): " + ", ".join(f"{k} {v:.1f}" for k, v in per_class.items()))
         for name, unit in (("dice", "%"), ("asd_mm", " mm")):  # lung tasks (chest X-rays)
-            values = {k.rsplit('/', 1)[-1]: v for k, v in best.data.metrics.items()
-                      if k.startswith(f"val_target/{name}/")}
+            values = {
+                k.rsplit("/", 1)[-1]: v for k, v in best.data.metrics.items() if k.startswith(f"val_target/{name}/")
+            }
             if values:
-                print(f"  {name.split('_')[0].upper() if name == 'asd_mm' else 'Dice'} per lung (last): "
-                      + ", ".join(f"{k} {v:.2f}{unit}" for k, v in values.items()))
+                print(
+                    f"  {name.split('_')[0].upper() if name == 'asd_mm' else 'Dice'} per lung (last): "
+                    + ", ".join(f"{k} {v:.2f}{unit}" for k, v in values.items())
+                )
         print(f"  checkpoints: {artifacts}/best_val_target_miou.pt (best on target val) and {artifacts}/last.pt")
         print(f"  MLflow run: {best.info.run_id} (sweep run {parent}, experiment {plan.experiment!r})")
     print(f"View: {tracking.ui_command(plan.tracking_uri)}")
@@ -517,5 +659,7 @@ def _summarise(plan: Plan, tracker: tracking.Tracker, experiment_id: str, parent
 
 
 def plan_resume_command(plan: Plan) -> str:
-    return f"python -m platform.sweep {plan.resolved.method.name} --task {plan.resolved.task.name} --resume " \
-           f"--name {plan.name} --storage-path {plan.storage_path} --tracking-uri {plan.tracking_uri}"
+    return (
+        f"python -m platform.sweep {plan.resolved.method.name} --task {plan.resolved.task.name} --resume "
+        f"--name {plan.name} --storage-path {plan.storage_path} --tracking-uri {plan.tracking_uri}"
+    )

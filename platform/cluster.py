@@ -26,8 +26,20 @@ import ray
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Never uploaded with the code: datasets, results, MLflow stores, caches.
-WORKING_DIR_EXCLUDES = [".git", "data", "mlruns", "mlartifacts", "mlflow.db", "ray_results", "**/__pycache__",
-                        ".venv", "venv", "*.parquet", "*.pt", "*.pth"]
+WORKING_DIR_EXCLUDES = [
+    ".git",
+    "data",
+    "mlruns",
+    "mlartifacts",
+    "mlflow.db",
+    "ray_results",
+    "**/__pycache__",
+    ".venv",
+    "venv",
+    "*.parquet",
+    "*.pt",
+    "*.pth",
+]
 
 
 # Ray Train's controller polls its workers every 2 s by default; on a local machine a shorter interval makes reports
@@ -90,7 +102,10 @@ def trial_resources(inline: bool, workers: int, cpus_per_worker: float, gpus_per
     ask for theirs), the worker's CPUs and GPUs on top of it when it trains inline."""
     if not inline:
         return {"CPU": TRIAL_DRIVER_CPUS}
-    return {"CPU": TRIAL_DRIVER_CPUS + workers * cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    return {
+        "CPU": TRIAL_DRIVER_CPUS + workers * cpus_per_worker,
+        **({"GPU": gpus_per_worker} if gpus_per_worker else {}),
+    }
 
 
 def max_concurrent_trials(available: Resources, workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:

@@ -16,8 +16,9 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import methods
 import search_spaces
@@ -25,7 +26,6 @@ from methods.contract import Method, weights_file_fields
 from platform import tasks
 from platform.tasks import Task
 from search_spaces import SEED_AXIS, SearchSpace
-
 
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results/uda")
 
@@ -55,8 +55,13 @@ class Resolved:
     eval_every: int
 
 
-def resolve(method_name: str, task_name: str | None = None, overrides: Mapping[str, Any] | None = None,
-            max_steps: int | None = None, eval_every: int | None = None) -> Resolved:
+def resolve(
+    method_name: str,
+    task_name: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
+    eval_every: int | None = None,
+) -> Resolved:
     try:
         method = methods.get(method_name)
     except methods.UnknownMethodError as error:
@@ -198,8 +203,15 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def plan_sweep(resolved: Resolved, grid: str | None, search: str | None, num_samples: int | None,
-               seeds: Sequence[int], set_keys: Sequence[str], sampling_seed: int = 0) -> Sweep:
+def plan_sweep(
+    resolved: Resolved,
+    grid: str | None,
+    search: str | None,
+    num_samples: int | None,
+    seeds: Sequence[int],
+    set_keys: Sequence[str],
+    sampling_seed: int = 0,
+) -> Sweep:
     """Turn --grid / --search / --num-samples / --seeds into explicit points, validating every one of them."""
     space, method = resolved.space, resolved.method
     if grid and search:
@@ -221,8 +233,10 @@ def plan_sweep(resolved: Resolved, grid: str | None, search: str | None, num_sam
         if mode not in ("random", "tpe"):
             raise UsageError(f"unknown --search {mode!r}; valid: random, tpe")
         if not space.ranges:
-            raise UsageError(f"search_spaces/{method.name}.py defines no RANGES to search; use --grid "
-                             f"({', '.join(space.grids) or 'none defined'})")
+            raise UsageError(
+                f"search_spaces/{method.name}.py defines no RANGES to search; use --grid "
+                f"({', '.join(space.grids) or 'none defined'})"
+            )
         samples = num_samples if num_samples is not None else 2
         first = {key: _base_value(resolved, key) for key in space.ranges}
         if mode == "random":
@@ -232,7 +246,9 @@ def plan_sweep(resolved: Resolved, grid: str | None, search: str | None, num_sam
             sweep = Sweep("tpe", (first,), tuple(seeds), samples)
     conflicts = sorted(set(set_keys) & set(sweep.swept_keys if sweep.mode != "tpe" else space.ranges))
     if conflicts:
-        raise UsageError(f"--set {conflicts[0]} conflicts with the sweep, which varies {conflicts[0]}; drop one of them")
+        raise UsageError(
+            f"--set {conflicts[0]} conflicts with the sweep, which varies {conflicts[0]}; drop one of them"
+        )
     for point in sweep.points:
         check_hyperparams(method, {**resolved.base, **point})
         if set(point) & set(weights_file_fields(method.hyperparams)):

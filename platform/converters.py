@@ -40,8 +40,9 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -125,20 +126,41 @@ def cityscapes_label_ids() -> tuple[dict[int, int], list[int]]:
     """labelId → trainId (255 for classes not evaluated) and the valid labelIds, from the official table."""
     from cityscapesscripts.helpers.labels import labels
 
-    mapping = {l.id: (l.trainId if 0 <= l.trainId < 255 else IGNORE_INDEX) for l in labels if l.id >= 0}
+    mapping = {
+        label.id: (label.trainId if 0 <= label.trainId < 255 else IGNORE_INDEX) for label in labels if label.id >= 0
+    }
     return mapping, sorted(mapping)
 
 
 def cityscapes_class_names() -> tuple[str, ...]:
     from cityscapesscripts.helpers.labels import labels
 
-    by_train_id = {l.trainId: l.name for l in labels if 0 <= l.trainId < 255}
+    by_train_id = {label.trainId: label.name for label in labels if 0 <= label.trainId < 255}
     return tuple(by_train_id[i] for i in range(len(by_train_id)))
 
 
 # SYNTHIA class id → Cityscapes trainId (datasets.md; the table every SYNTHIA→Cityscapes code base uses).
-SYNTHIA_TO_TRAIN_ID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13,
-                       18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
+SYNTHIA_TO_TRAIN_ID = {
+    3: 0,
+    4: 1,
+    2: 2,
+    21: 3,
+    5: 4,
+    7: 5,
+    15: 6,
+    9: 7,
+    6: 8,
+    16: 9,
+    1: 10,
+    10: 11,
+    17: 12,
+    8: 13,
+    18: 14,
+    19: 15,
+    20: 16,
+    12: 17,
+    11: 18,
+}
 SYNTHIA_LANEMARKING = 22
 
 
@@ -188,8 +210,10 @@ def _gta5_scan(source: str, options: dict) -> list[Sample]:
     images = _files(os.path.join(source, "images"), r"\d+\.png")
     if not images:
         raise CONVERTERS["gta5"].layout_error(source, "no images/NNNNN.png")
-    return [Sample(os.path.splitext(f)[0], "train", os.path.join(source, "images", f),
-                   (os.path.join(source, "labels", f),)) for f in images]
+    return [
+        Sample(os.path.splitext(f)[0], "train", os.path.join(source, "images", f), (os.path.join(source, "labels", f),))
+        for f in images
+    ]
 
 
 def _cityscapes_ids_load(sample: Sample, options: dict) -> Loaded:
@@ -207,8 +231,12 @@ def _synthia_scan(source: str, options: dict) -> list[Sample]:
     images = _files(os.path.join(source, "RGB"), r"\d+\.png")
     if not images:
         raise CONVERTERS["synthia"].layout_error(source, "no RGB/NNNNNNN.png")
-    return [Sample(os.path.splitext(f)[0], "train", os.path.join(source, "RGB", f),
-                   (os.path.join(source, "GT", "LABELS", f),)) for f in images]
+    return [
+        Sample(
+            os.path.splitext(f)[0], "train", os.path.join(source, "RGB", f), (os.path.join(source, "GT", "LABELS", f),)
+        )
+        for f in images
+    ]
 
 
 def _synthia_load(sample: Sample, options: dict) -> Loaded:
@@ -235,8 +263,14 @@ def _cityscapes_scan(source: str, options: dict) -> list[Sample]:
         for city in sorted(os.listdir(root)):
             for name in _files(os.path.join(root, city), r".+_leftImg8bit\.png"):
                 stem = name[: -len("_leftImg8bit.png")]
-                samples.append(Sample(stem, split, os.path.join(root, city, name),
-                                      (os.path.join(source, "gtFine", split, city, f"{stem}_gtFine_labelIds.png"),)))
+                samples.append(
+                    Sample(
+                        stem,
+                        split,
+                        os.path.join(root, city, name),
+                        (os.path.join(source, "gtFine", split, city, f"{stem}_gtFine_labelIds.png"),),
+                    )
+                )
     if not samples:
         raise CONVERTERS["cityscapes"].layout_error(source, "no *_leftImg8bit.png under leftImg8bit/{train,val}/CITY/")
     return samples
@@ -283,8 +317,11 @@ def _endoscopy_scan(source: str, options: dict) -> list[Sample]:
             stem = os.path.splitext(name)[0]
             mask = os.path.join(source, "masks", split, f"{stem}.png")
             labels = (mask,) if os.path.isfile(mask) else ()
-            samples.append(Sample(stem, split or "train", os.path.join(images_root, split, name), labels,
-                                  {"lesion": weak.get(stem)}))
+            samples.append(
+                Sample(
+                    stem, split or "train", os.path.join(images_root, split, name), labels, {"lesion": weak.get(stem)}
+                )
+            )
     if not samples:
         raise CONVERTERS["endoscopy"].layout_error(source, "no images in images/ or images/SPLIT/")
     return samples
@@ -325,8 +362,9 @@ def _split_7_1_2(samples: list[Sample]) -> list[Sample]:
     """SeUDA's 7:1:2 train/val/test split, drawn with a fixed seed over the sorted ids."""
     order = np.random.default_rng(0).permutation(len(samples))
     train_end, val_end = int(round(0.7 * len(samples))), int(round(0.8 * len(samples)))
-    split_of = {int(i): ("train" if rank < train_end else "val" if rank < val_end else "test")
-                for rank, i in enumerate(order)}
+    split_of = {
+        int(i): ("train" if rank < train_end else "val" if rank < val_end else "test") for rank, i in enumerate(order)
+    }
     return [Sample(s.id, split_of[i], s.image, s.labels, s.extra) for i, s in enumerate(samples)]
 
 
@@ -339,9 +377,17 @@ def _montgomery_scan(source: str, options: dict) -> list[Sample]:
     names = _files(os.path.join(source, "CXR_png"), r"MCUCXR_\d{4}_[01]\.png")
     if not names:
         raise CONVERTERS["montgomery"].layout_error(source, "no CXR_png/MCUCXR_####_{0,1}.png")
-    return _split_7_1_2([Sample(os.path.splitext(n)[0], "", os.path.join(source, "CXR_png", n),
-                                (os.path.join(source, "ManualMask", "leftMask", n),
-                                 os.path.join(source, "ManualMask", "rightMask", n))) for n in names])
+    return _split_7_1_2(
+        [
+            Sample(
+                os.path.splitext(n)[0],
+                "",
+                os.path.join(source, "CXR_png", n),
+                (os.path.join(source, "ManualMask", "leftMask", n), os.path.join(source, "ManualMask", "rightMask", n)),
+            )
+            for n in names
+        ]
+    )
 
 
 def _lung_label(sample: Sample, left: np.ndarray, right: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -405,8 +451,10 @@ def _jsrt_load(sample: Sample, options: dict) -> Loaded:
     except FileNotFoundError:
         raise ConversionError(f"missing image: {sample.image}") from None
     if len(data) != expected:
-        raise ConversionError(f"{sample.image} has {len(data)} bytes; a JSRT image is {JSRT_SIZE}x{JSRT_SIZE} 16-bit "
-                              f"big-endian ({expected} bytes)")
+        raise ConversionError(
+            f"{sample.image} has {len(data)} bytes; a JSRT image is {JSRT_SIZE}x{JSRT_SIZE} 16-bit "
+            f"big-endian ({expected} bytes)"
+        )
     raw = np.frombuffer(data, dtype=">u2").reshape(JSRT_SIZE, JSRT_SIZE)
     image = _resize(jsrt_preprocess(raw), size, False)
     left, right = (_read_label(p) for p in sample.labels)
@@ -424,45 +472,99 @@ def _layout(text: str) -> str:
     return "\n".join("  " + line for line in text.strip("\n").splitlines())
 
 
-CONVERTERS: dict[str, Converter] = {c.name: c for c in (
-    Converter("gta5", _layout("""
+CONVERTERS: dict[str, Converter] = {
+    c.name: c
+    for c in (
+        Converter(
+            "gta5",
+            _layout("""
 SRC/
   images/00001.png ...   (RGB)
-  labels/00001.png ...   (Cityscapes labelIds)"""), cityscapes_class_names, 3,
-              lambda o: "cityscapes-trainIds", _gta5_scan, _cityscapes_ids_load),
-    Converter("synthia", _layout("""
+  labels/00001.png ...   (Cityscapes labelIds)"""),
+            cityscapes_class_names,
+            3,
+            lambda o: "cityscapes-trainIds",
+            _gta5_scan,
+            _cityscapes_ids_load,
+        ),
+        Converter(
+            "synthia",
+            _layout("""
 SRC/
   RGB/0000000.png ...
-  GT/LABELS/0000000.png ...   (16-bit, class id in the first channel)"""), cityscapes_class_names, 3,
-              lambda o: f"synthia-to-cityscapes-trainIds(lanemarking={o['lanemarking']})", _synthia_scan,
-              _synthia_load, {"lanemarking": ("ignore", "road")}),
-    Converter("cityscapes", _layout("""
+  GT/LABELS/0000000.png ...   (16-bit, class id in the first channel)"""),
+            cityscapes_class_names,
+            3,
+            lambda o: f"synthia-to-cityscapes-trainIds(lanemarking={o['lanemarking']})",
+            _synthia_scan,
+            _synthia_load,
+            {"lanemarking": ("ignore", "road")},
+        ),
+        Converter(
+            "cityscapes",
+            _layout("""
 SRC/
   leftImg8bit/{train,val}/CITY/CITY_SEQ_FRAME_leftImg8bit.png
-  gtFine/{train,val}/CITY/CITY_SEQ_FRAME_gtFine_labelIds.png"""), cityscapes_class_names, 3,
-              lambda o: "cityscapes-trainIds", _cityscapes_scan, _cityscapes_ids_load),
-    Converter("nthu", _layout("""
+  gtFine/{train,val}/CITY/CITY_SEQ_FRAME_gtFine_labelIds.png"""),
+            cityscapes_class_names,
+            3,
+            lambda o: "cityscapes-trainIds",
+            _cityscapes_scan,
+            _cityscapes_ids_load,
+        ),
+        Converter(
+            "nthu",
+            _layout("""
 SRC/   (one city: Rome, Rio, Tokyo or Taipei)
   Images/Train/*.png|jpg
   Images/Test/*.png|jpg
-  Labels/Test/<image stem>_eval.png   (Cityscapes trainIds, 255 ignore)"""), cityscapes_class_names, 3,
-              lambda o: "cityscapes-trainIds", _nthu_scan, _nthu_load),
-    Converter("endoscopy", _layout("""
+  Labels/Test/<image stem>_eval.png   (Cityscapes trainIds, 255 ignore)"""),
+            cityscapes_class_names,
+            3,
+            lambda o: "cityscapes-trainIds",
+            _nthu_scan,
+            _nthu_load,
+        ),
+        Converter(
+            "endoscopy",
+            _layout("""
 SRC/
   images/[SPLIT/]*.png|jpg
   masks/[SPLIT/]<image stem>.png   (optional; 0 normal, 1 disease, 255 ignore)
   image_labels.csv                 (optional; columns image,lesion with lesion 0 or 1)"""),
-              lambda: ("normal", "disease"), 3, lambda o: "endoscopy", _endoscopy_scan, _endoscopy_load),
-    Converter("montgomery", _layout("""
+            lambda: ("normal", "disease"),
+            3,
+            lambda o: "endoscopy",
+            _endoscopy_scan,
+            _endoscopy_load,
+        ),
+        Converter(
+            "montgomery",
+            _layout("""
 SRC/   (MontgomerySet)
   CXR_png/MCUCXR_####_{0,1}.png
   ManualMask/leftMask/MCUCXR_####_{0,1}.png
-  ManualMask/rightMask/MCUCXR_####_{0,1}.png"""), lambda: ("background", "left lung", "right lung"), 1,
-              lambda o: f"lungs(size={o['size']})", _montgomery_scan, _montgomery_load, {"size": (512,)}),
-    Converter("jsrt", _layout("""
+  ManualMask/rightMask/MCUCXR_####_{0,1}.png"""),
+            lambda: ("background", "left lung", "right lung"),
+            1,
+            lambda o: f"lungs(size={o['size']})",
+            _montgomery_scan,
+            _montgomery_load,
+            {"size": (512,)},
+        ),
+        Converter(
+            "jsrt",
+            _layout("""
 SRC/
   All247images/JPCLN001.IMG ... JPCNN093.IMG   (2048x2048, 16-bit big-endian)
   scratch/fold1/masks/left lung/JPCLN001.gif ...   (SCR masks; fold1 or fold2)
-  scratch/fold1/masks/right lung/JPCLN001.gif ..."""), lambda: ("background", "left lung", "right lung"), 1,
-              lambda o: f"lungs(size={o['size']})", _jsrt_scan, _jsrt_load, {"size": (512,)}),
-)}
+  scratch/fold1/masks/right lung/JPCLN001.gif ..."""),
+            lambda: ("background", "left lung", "right lung"),
+            1,
+            lambda o: f"lungs(size={o['size']})",
+            _jsrt_scan,
+            _jsrt_load,
+            {"size": (512,)},
+        ),
+    )
+}

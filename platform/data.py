@@ -25,15 +25,26 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from platform import tasks
 from platform.converters import CONVERTERS, ConversionError, Converter, Sample, Skip
-from platform.datasets import (CODECS, IGNORE_INDEX, DatasetNotFoundError, Manifest, SplitInfo, finalize, read_manifest,
-                               resolve_root, sample_row, write_shard)
+from platform.datasets import (
+    CODECS,
+    IGNORE_INDEX,
+    DatasetNotFoundError,
+    Manifest,
+    SplitInfo,
+    finalize,
+    read_manifest,
+    resolve_root,
+    sample_row,
+    write_shard,
+)
 
 ROWS_PER_SHARD = 256
 ROWS_PER_GROUP = 16
@@ -53,8 +64,12 @@ def _encode(job: tuple[str, Sample, dict[str, Any], int, str]) -> dict[str, Any]
     if loaded.label is not None:
         valid = loaded.label[loaded.label != IGNORE_INDEX]
         pixels = np.bincount(valid.ravel(), minlength=num_classes)[:num_classes]
-    return {"row": row, "class_pixels": pixels.tolist(), "size": [int(row["height"]), int(row["width"])],
-            "spacing": list(loaded.spacing_mm) if loaded.spacing_mm else None}
+    return {
+        "row": row,
+        "class_pixels": pixels.tolist(),
+        "size": [int(row["height"]), int(row["width"])],
+        "spacing": list(loaded.spacing_mm) if loaded.spacing_mm else None,
+    }
 
 
 def _shards(samples: list[Sample], shard_rows: int | None = None) -> dict[str, list[list[Sample]]]:
@@ -63,8 +78,10 @@ def _shards(samples: list[Sample], shard_rows: int | None = None) -> dict[str, l
     by_split: dict[str, list[Sample]] = {}
     for sample in samples:
         by_split.setdefault(sample.split, []).append(sample)
-    return {split: [items[i:i + shard_rows] for i in range(0, len(items), shard_rows)]
-            for split, items in by_split.items()}
+    return {
+        split: [items[i : i + shard_rows] for i in range(0, len(items), shard_rows)]
+        for split, items in by_split.items()
+    }
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -73,8 +90,16 @@ def _write_json(path: str, payload: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def convert(dataset: str, source: str, out: str, options: dict[str, Any] | None = None, limit: int | None = None,
-            workers: int = 1, progress: bool = True, codec: str = "zstd") -> Manifest:
+def convert(
+    dataset: str,
+    source: str,
+    out: str,
+    options: dict[str, Any] | None = None,
+    limit: int | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    codec: str = "zstd",
+) -> Manifest:
     converter = CONVERTERS[dataset]
     options = {**{k: v[0] for k, v in converter.options.items()}, **(options or {})}
     source, out = os.path.abspath(source), os.path.abspath(out)
@@ -87,8 +112,10 @@ def convert(dataset: str, source: str, out: str, options: dict[str, Any] | None 
     try:
         existing = read_manifest(root, name)
         if existing.source == signature:
-            print(f"{out} is already converted ({sum(s.count for s in existing.splits.values())} images); "
-                  "nothing to do", file=sys.stderr)
+            print(
+                f"{out} is already converted ({sum(s.count for s in existing.splits.values())} images); nothing to do",
+                file=sys.stderr,
+            )
             return existing
     except DatasetNotFoundError:
         pass
@@ -118,22 +145,28 @@ def convert(dataset: str, source: str, out: str, options: dict[str, Any] | None 
                     if recorded and recorded["all_ids"] == ids and os.path.isfile(os.path.join(out, relative)):
                         continue  # finished in an earlier run
                     results = []
-                    for result in pool.map(_encode, [(dataset, s, options, len(class_names), codec) for s in chunk],
-                                           chunksize=4):
+                    for result in pool.map(
+                        _encode, [(dataset, s, options, len(class_names), codec) for s in chunk], chunksize=4
+                    ):
                         results.append(result)
                         bar.update(1)
                     rows = [r["row"] for r in results if "row" in r]
                     if rows:
                         write_shard(os.path.join(out, relative), rows, ROWS_PER_GROUP)
                     state["shards"][relative] = {
-                        "split": split, "all_ids": ids, "ids": [r["row"]["id"] for r in results if "row" in r],
-                        "class_pixels": np.sum([r["class_pixels"] for r in results if "row" in r] or
-                                               [[0] * len(class_names)], axis=0).tolist(),
+                        "split": split,
+                        "all_ids": ids,
+                        "ids": [r["row"]["id"] for r in results if "row" in r],
+                        "class_pixels": np.sum(
+                            [r["class_pixels"] for r in results if "row" in r] or [[0] * len(class_names)], axis=0
+                        ).tolist(),
                         "sizes": sorted({tuple(r["size"]) for r in results if "row" in r}),
                         "spacing": [r["spacing"] for r in results if r.get("spacing")][:1],
                         "has_labels": any(r["row"]["label"] is not None for r in results if "row" in r),
                         "has_image_labels": any(r["row"]["image_labels"] is not None for r in results if "row" in r),
-                        "skipped": [r["skipped"] for r in results if "skipped" in r], "written": bool(rows)}
+                        "skipped": [r["skipped"] for r in results if "skipped" in r],
+                        "written": bool(rows),
+                    }
                     _write_json(state_path, state)
     finally:
         bar.close()
@@ -145,8 +178,9 @@ def convert(dataset: str, source: str, out: str, options: dict[str, Any] | None 
     return manifest
 
 
-def _manifest(converter: Converter, name: str, options: dict, signature: dict, state: dict,
-              class_names: tuple[str, ...]) -> Manifest:
+def _manifest(
+    converter: Converter, name: str, options: dict, signature: dict, state: dict, class_names: tuple[str, ...]
+) -> Manifest:
     splits: dict[str, SplitInfo] = {}
     skipped: list[dict] = []
     spacing = None
@@ -154,9 +188,17 @@ def _manifest(converter: Converter, name: str, options: dict, signature: dict, s
         skipped.extend(info["skipped"])
         if not info["written"]:
             continue
-        split = splits.setdefault(info["split"], SplitInfo(count=0, files=[], has_labels=False,
-                                                           has_image_labels=False, image_sizes=[],
-                                                           class_pixels=[0] * len(class_names)))
+        split = splits.setdefault(
+            info["split"],
+            SplitInfo(
+                count=0,
+                files=[],
+                has_labels=False,
+                has_image_labels=False,
+                image_sizes=[],
+                class_pixels=[0] * len(class_names),
+            ),
+        )
         split.count += len(info["ids"])
         split.files.append(relative)
         split.has_labels |= info["has_labels"]
@@ -166,10 +208,17 @@ def _manifest(converter: Converter, name: str, options: dict, signature: dict, s
         spacing = spacing or (info["spacing"][0] if info["spacing"] else None)
     for split in splits.values():
         split.image_sizes = [list(s) for s in split.image_sizes]
-    return Manifest(name=name, num_classes=len(class_names), class_names=list(class_names),
-                    channels=converter.channels, label_map=converter.label_map(options), splits=splits,
-                    pixel_spacing_mm=None if spacing is None else float(np.mean(spacing)), source=signature,
-                    skipped=skipped)
+    return Manifest(
+        name=name,
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        channels=converter.channels,
+        label_map=converter.label_map(options),
+        splits=splits,
+        pixel_spacing_mm=None if spacing is None else float(np.mean(spacing)),
+        source=signature,
+        skipped=skipped,
+    )
 
 
 class _NoBar:
@@ -197,20 +246,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m platform.data", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="python -m platform.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     convert_parser = commands.add_parser("convert", help="convert a dataset download to Parquet")
     convert_parser.add_argument("dataset", choices=sorted(CONVERTERS))
     convert_parser.add_argument("source")
     convert_parser.add_argument("out")
     convert_parser.add_argument("--limit", type=int, help="convert only the first N images of each split")
-    convert_parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
-                                help="encoding processes (default: all cores)")
+    convert_parser.add_argument(
+        "--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="encoding processes (default: all cores)"
+    )
     convert_parser.add_argument("--lanemarking", choices=("ignore", "road"), help="synthia only (default ignore)")
     convert_parser.add_argument("--size", type=int, help="montgomery and jsrt: output size (default 512)")
-    convert_parser.add_argument("--codec", choices=CODECS, default="zstd",
-                                help="how images and labels are stored: zstd (fast to decode, default) or png (compact)")
+    convert_parser.add_argument(
+        "--codec",
+        choices=CODECS,
+        default="zstd",
+        help="how images and labels are stored: zstd (fast to decode, default) or png (compact)",
+    )
     convert_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare_parser = commands.add_parser("prepare", help="generate a synthetic task's data, or check a real task's")
     prepare_parser.add_argument("task", choices=sorted(tasks.TASKS))
@@ -237,8 +292,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 options["size"] = args.size
             if args.limit is not None and args.limit < 1:
                 raise ConversionError(f"--limit must be >= 1 (got {args.limit})")
-            manifest = convert(args.dataset, args.source, args.out, options, args.limit, args.workers,
-                               progress=not args.quiet, codec=args.codec)
+            manifest = convert(
+                args.dataset,
+                args.source,
+                args.out,
+                options,
+                args.limit,
+                args.workers,
+                progress=not args.quiet,
+                codec=args.codec,
+            )
             counts = ", ".join(f"{split} {info.count}" for split, info in manifest.splits.items())
             print(f"{args.out}: {counts} images; {len(manifest.skipped)} skipped; {manifest.fingerprint}")
         elif args.command == "prepare":

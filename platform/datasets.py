@@ -33,8 +33,9 @@ import io
 import json
 import os
 import struct
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,15 +45,17 @@ from PIL import Image
 FORMAT_VERSION = 1
 IGNORE_INDEX = 255
 
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),
-    pa.field("label", pa.binary()),
-    pa.field("image_labels", pa.list_(pa.int16())),
-    pa.field("height", pa.int32(), nullable=False),
-    pa.field("width", pa.int32(), nullable=False),
-    pa.field("spacing_mm", pa.list_(pa.float32())),
-])
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.binary()),
+        pa.field("image_labels", pa.list_(pa.int16())),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("spacing_mm", pa.list_(pa.float32())),
+    ]
+)
 
 
 # Cells are already compressed (PNG or zstd) and unique: Parquet compression and dictionary encoding would only cost
@@ -175,14 +178,19 @@ def decode_array(data: bytes) -> np.ndarray:
         _, height, width, channels = _ZSTD_HEADER.unpack_from(data)
         shape = (height, width, channels) if channels else (height, width)
         size = height * width * max(channels, 1)
-        body = memoryview(data)[_ZSTD_HEADER.size:]
+        body = memoryview(data)[_ZSTD_HEADER.size :]
         return np.frombuffer(pa.decompress(body, decompressed_size=size, codec="zstd"), dtype=np.uint8).reshape(shape)
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def sample_row(sample_id: str, image: np.ndarray, label: np.ndarray | None,
-               image_labels: Iterable[int] | None, spacing_mm: tuple[float, float] | None = None,
-               codec: str = "png") -> dict[str, Any]:
+def sample_row(
+    sample_id: str,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    image_labels: Iterable[int] | None,
+    spacing_mm: tuple[float, float] | None = None,
+    codec: str = "png",
+) -> dict[str, Any]:
     return {
         "id": sample_id,
         "image": encode_array(image, codec),
@@ -199,7 +207,7 @@ def write_shard(path: str, rows: list[dict[str, Any]], rows_per_group: int) -> N
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with pq.ParquetWriter(path + ".tmp", SCHEMA, **_WRITE_OPTIONS) as writer:
         for start in range(0, len(rows), rows_per_group):
-            writer.write_table(pa.Table.from_pylist(rows[start:start + rows_per_group], schema=SCHEMA))
+            writer.write_table(pa.Table.from_pylist(rows[start : start + rows_per_group], schema=SCHEMA))
     os.replace(path + ".tmp", path)
 
 
@@ -269,8 +277,12 @@ class SplitWriter:
         if self._writer is not None:
             self._close_file()
         return SplitInfo(
-            count=self.count, files=self.files, has_labels=self.has_labels, has_image_labels=self.has_image_labels,
-            image_sizes=sorted([list(s) for s in self.sizes]), class_pixels=self.class_pixels.tolist(),
+            count=self.count,
+            files=self.files,
+            has_labels=self.has_labels,
+            has_image_labels=self.has_image_labels,
+            image_sizes=sorted([list(s) for s in self.sizes]),
+            class_pixels=self.class_pixels.tolist(),
         )
 
 

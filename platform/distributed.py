@@ -14,7 +14,7 @@ statistics) are left alone: they compute the same thing on every worker.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -26,8 +26,11 @@ from methods.contract import Optim
 def sync_batchnorm(modules: nn.Module) -> nn.Module:
     """Every batch norm whose affine parameters train becomes a SyncBatchNorm with the same state."""
     for name, child in list(modules.named_children()):
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.weight is not None \
-                and child.weight.requires_grad:
+        if (
+            isinstance(child, nn.modules.batchnorm._BatchNorm)
+            and child.weight is not None
+            and child.weight.requires_grad
+        ):
             setattr(modules, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
         else:
             sync_batchnorm(child)

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -41,11 +41,11 @@ class EvaluationError(ValueError):
     pass
 
 
-def evaluate_checkpoint(weights: str, split: str = "val", data_root: str | None = None,
-                        batch_size: int = 8) -> tuple[dict[str, float], dict]:
-    from platform.loop import evaluate_split
-
+def evaluate_checkpoint(
+    weights: str, split: str = "val", data_root: str | None = None, batch_size: int = 8
+) -> tuple[dict[str, float], dict]:
     import methods
+    from platform.loop import evaluate_split
 
     modules, meta = checkpoints.load_modules(weights)
     task = tasks.get(meta["task"])
@@ -57,8 +57,19 @@ def evaluate_checkpoint(weights: str, split: str = "val", data_root: str | None 
     method = methods.get(meta["method"])
     hp = methods.make_hyperparams(method, meta["hyperparams"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate_split(method, hp, modules.to(device), task, split_files(root, target.dataset, target.split),
-                             meta["stage"], batch_size, 0, 1, device, prefix=f"eval/{meta['kind']}/{split}")
+    metrics = evaluate_split(
+        method,
+        hp,
+        modules.to(device),
+        task,
+        split_files(root, target.dataset, target.split),
+        meta["stage"],
+        batch_size,
+        0,
+        1,
+        device,
+        prefix=f"eval/{meta['kind']}/{split}",
+    )
     return metrics, meta
 
 
@@ -107,8 +118,10 @@ def pair_files(predictions: str, ground_truth: str) -> list[tuple[str, str]]:
         if match and match.group(1) in by_key:
             pairs.append((by_key[match.group(1)], path))
             continue
-        raise EvaluationError(f"no prediction for {path} (expected {os.path.join(predictions, relative)} or a file "
-                              "named with the same CITY_SEQ_FRAME)")
+        raise EvaluationError(
+            f"no prediction for {path} (expected {os.path.join(predictions, relative)} or a file "
+            "named with the same CITY_SEQ_FRAME)"
+        )
     if not pairs:
         raise EvaluationError(f"no label PNG found under {ground_truth}")
     return pairs
@@ -121,19 +134,22 @@ def evaluate_folders(predictions: str, ground_truth: str, label_format: str, tas
         table = np.full(256, 255, dtype=np.int64)
         for label_id, train_id in mapping.items():
             table[label_id] = train_id
-        to_train = lambda a: table[a]  # noqa: E731
+        to_train = lambda a: table[a]
     else:
-        to_train = lambda a: a.astype(np.int64)  # noqa: E731
+        to_train = lambda a: a.astype(np.int64)
     matrix = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64)
     for prediction_path, truth_path in pair_files(predictions, ground_truth):
         prediction, truth = _read(prediction_path), _read(truth_path)
         if prediction.shape != truth.shape:
-            raise EvaluationError(f"{prediction_path} is {prediction.shape[1]}x{prediction.shape[0]} but "
-                                  f"{truth_path} is {truth.shape[1]}x{truth.shape[0]}")
+            raise EvaluationError(
+                f"{prediction_path} is {prediction.shape[1]}x{prediction.shape[0]} but "
+                f"{truth_path} is {truth.shape[1]}x{truth.shape[0]}"
+            )
         predicted = to_train(prediction)
         predicted[predicted == 255] = num_classes  # a class that is not evaluated: the void column
-        matrix += confusion_matrix(torch.from_numpy(predicted), torch.from_numpy(to_train(truth)), num_classes,
-                                   void=True)
+        matrix += confusion_matrix(
+            torch.from_numpy(predicted), torch.from_numpy(to_train(truth)), num_classes, void=True
+        )
     return segmentation_metrics(matrix, task.info.class_names, "eval", task.eval_classes, task.class_subsets)
 
 
@@ -156,8 +172,11 @@ def table(metrics: dict[str, float]) -> str:
     for key, value in sorted(metrics.items()):
         if "/iou/" in key or "/dice/" in key or "/asd_mm/" in key or "/recall/" in key or "/precision/" in key:
             rows.append(f"  {key.split('/', 1)[1]:40s} {value:7.2f}")
-    summary = [f"  {key:40s} {value:7.2f}" for key, value in sorted(metrics.items())
-               if key.rsplit("/", 1)[-1].startswith("miou") or key.endswith("pixel_accuracy")]
+    summary = [
+        f"  {key:40s} {value:7.2f}"
+        for key, value in sorted(metrics.items())
+        if key.rsplit("/", 1)[-1].startswith("miou") or key.endswith("pixel_accuracy")
+    ]
     return "\n".join(rows + summary)
 
 
@@ -167,8 +186,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m platform.evaluate", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="python -m platform.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     checkpoint = commands.add_parser("checkpoint")
     checkpoint.add_argument("source", help="adapted-weights .pt file, or an MLflow run id")
@@ -199,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from platform.tracking import TrialLogger, default_tracking_uri
 
             TrialLogger(args.tracking_uri or default_tracking_uri(), run_id).log_metrics(
-                {k: v for k, v in metrics.items() if not math.isnan(v)}, int(meta["step"]))
+                {k: v for k, v in metrics.items() if not math.isnan(v)}, int(meta["step"])
+            )
             print(f"logged to MLflow run {run_id}")
         return 0
     except (EvaluationError, DatasetNotFoundError, FileNotFoundError) as error:

@@ -19,8 +19,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -126,8 +127,19 @@ def split_budget(max_steps: int, shares: list[float]) -> list[int]:
     return steps + [max_steps - sum(steps)]
 
 
-def evaluate_split(method: Any, hp: Any, modules: nn.ModuleDict, task: tasks.Task, files: list[str], stage_name: str,
-                   batch_size: int, rank: int, world_size: int, device: torch.device, prefix: str) -> dict[str, float]:
+def evaluate_split(
+    method: Any,
+    hp: Any,
+    modules: nn.ModuleDict,
+    task: tasks.Task,
+    files: list[str],
+    stage_name: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    prefix: str,
+) -> dict[str, float]:
     """One pass over a labelled split (this worker's share), metrics reduced over all workers."""
     info = task.info
     matrix = torch.zeros(info.num_classes, info.num_classes, dtype=torch.int64)
@@ -141,8 +153,9 @@ def evaluate_split(method: Any, hp: Any, modules: nn.ModuleDict, task: tasks.Tas
                 logits = method.predict(hp, modules, batch["image"].to(device), stage_name)
                 label = batch["label"]
                 if tuple(logits.shape[-2:]) != tuple(label.shape[-2:]):
-                    logits = nn.functional.interpolate(logits, size=label.shape[-2:], mode="bilinear",
-                                                       align_corners=False)
+                    logits = nn.functional.interpolate(
+                        logits, size=label.shape[-2:], mode="bilinear", align_corners=False
+                    )
                 prediction = logits.argmax(1).cpu()
                 matrix += confusion_matrix(prediction, label, info.num_classes, info.ignore_index)
                 if lungs is not None:
@@ -181,8 +194,11 @@ class TrialRunner:
         self.generator = torch.Generator().manual_seed(spec.seed * 1000 + session.rank)
         self.progress = Progress()
         self.fingerprints = tasks.prepare(self.task, spec.data_root)
-        splits = {"source_train": self.task.source_train, "target_train": self.task.target_train,
-                  "target_val": self.task.target_val}
+        splits = {
+            "source_train": self.task.source_train,
+            "target_train": self.task.target_train,
+            "target_val": self.task.target_val,
+        }
         self._files = {name: split_files(spec.data_root, split.dataset, split.split) for name, split in splits.items()}
         self.num_target_train = sum(g.num_rows for g in row_groups(self._files["target_train"]))
         self._loss_window: dict[str, list[float]] = {}
@@ -216,10 +232,19 @@ class TrialRunner:
                 if optim.scheduler is not None:
                     optim.scheduler.load_state_dict(optimizer_state["schedulers"][name])
         distributed.synchronise_gradients(optims.values())
-        ctx = StepContext(hp=self.hp, info=self.info, modules=self.modules,
-                          optimizers={n: o.optimizer for n, o in optims.items()}, state=self.state, stage=stage.name,
-                          stage_step=self.progress.stage_step, stage_steps=steps, target_epoch=0,
-                          generator=self.generator, device=self.device)
+        ctx = StepContext(
+            hp=self.hp,
+            info=self.info,
+            modules=self.modules,
+            optimizers={n: o.optimizer for n, o in optims.items()},
+            state=self.state,
+            stage=stage.name,
+            stage_step=self.progress.stage_step,
+            stage_steps=steps,
+            target_epoch=0,
+            generator=self.generator,
+            device=self.device,
+        )
         source, target = self._streams(stage)
         while self.progress.stage_step < steps:
             ctx.stage_step = self.progress.stage_step
@@ -246,17 +271,38 @@ class TrialRunner:
 
     def _streams(self, stage: Stage) -> tuple[Iterator[dict], Iterator[dict] | None]:
         batch_size, task = self.hp.batch_size, self.task
-        common = dict(batch_size=batch_size, num_classes=self.info.num_classes, seed=self.spec.seed,
-                      rank=self.session.rank, world_size=self.session.world_size, threads=max(1, self.spec.threads))
-        policy = lambda size: Policy(size=size, hflip=task.hflip, scale_range=task.train_scale_range,  # noqa: E731
-                                     crop=task.train_crop)
-        source = iter(TrainStream(self._files["source_train"], ["image", "label"], policy=policy(task.source_size),
-                                  start_sample=self.progress.source_batches * batch_size, **common))
+        common = {
+            "batch_size": batch_size,
+            "num_classes": self.info.num_classes,
+            "seed": self.spec.seed,
+            "rank": self.session.rank,
+            "world_size": self.session.world_size,
+            "threads": max(1, self.spec.threads),
+        }
+        policy = lambda size: Policy(
+            size=size, hflip=task.hflip, scale_range=task.train_scale_range, crop=task.train_crop
+        )
+        source = iter(
+            TrainStream(
+                self._files["source_train"],
+                ["image", "label"],
+                policy=policy(task.source_size),
+                start_sample=self.progress.source_batches * batch_size,
+                **common,
+            )
+        )
         if not stage.uses_target:
             return source, None
         columns = ["image", "image_labels"] if self.info.target_image_labels else ["image"]
-        target = iter(TrainStream(self._files["target_train"], columns, policy=policy(task.target_size),
-                                  start_sample=self.progress.target_batches * batch_size, **common))
+        target = iter(
+            TrainStream(
+                self._files["target_train"],
+                columns,
+                policy=policy(task.target_size),
+                start_sample=self.progress.target_batches * batch_size,
+                **common,
+            )
+        )
         return source, target
 
     def _next_batch(self, source: Iterator[dict], target: Iterator[dict] | None) -> Batch:
@@ -266,8 +312,12 @@ class TrialRunner:
         if target is not None:
             target_batch = self._on_device(next(target))
             self.progress.target_batches += 1
-        return Batch(source_image=source_batch["image"], source_label=source_batch["label"],
-                     target_image=target_batch.get("image"), target_image_label=target_batch.get("image_labels"))
+        return Batch(
+            source_image=source_batch["image"],
+            source_label=source_batch["label"],
+            target_image=target_batch.get("image"),
+            target_image_label=target_batch.get("image_labels"),
+        )
 
     def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A stream's uint8 batch → model inputs on this worker's device (converted there: 4x fewer bytes to copy)."""
@@ -284,15 +334,22 @@ class TrialRunner:
         if target_pass is None:
             return
         due = self.progress.last_pass_epoch < 0 or (
-            target_pass.schedule == "every_epoch" and ctx.target_epoch > self.progress.last_pass_epoch)
+            target_pass.schedule == "every_epoch" and ctx.target_epoch > self.progress.last_pass_epoch
+        )
         if not due:
             return
         columns = ["image", "image_labels"] if self.info.target_image_labels else ["image"]
         gathered: dict[str, list[torch.Tensor]] = {}
         with self._all_eval(), torch.no_grad():
-            for batch in eval_batches(self._files["target_train"], columns, self.spec.eval_batch_size,
-                                      self.info.num_classes, self.session.rank, self.session.world_size,
-                                      self.task.target_size):
+            for batch in eval_batches(
+                self._files["target_train"],
+                columns,
+                self.spec.eval_batch_size,
+                self.info.num_classes,
+                self.session.rank,
+                self.session.world_size,
+                self.task.target_size,
+            ):
                 images = batch["image"].to(self.device)
                 labels = batch.get("image_labels")
                 out = target_pass.collect(ctx, images, None if labels is None else labels.to(self.device))
@@ -306,9 +363,19 @@ class TrialRunner:
 
     def evaluate(self, stage_name: str, split: str = "target_val", prefix: str = "val_target") -> dict[str, float]:
         """Score `method.predict` on a labelled target split at the labels' full resolution."""
-        return evaluate_split(self.method, self.hp, self.modules, self.task, self._files[split], stage_name,
-                              self.spec.eval_batch_size, self.session.rank, self.session.world_size, self.device,
-                              prefix)
+        return evaluate_split(
+            self.method,
+            self.hp,
+            self.modules,
+            self.task,
+            self._files[split],
+            stage_name,
+            self.spec.eval_batch_size,
+            self.session.rank,
+            self.session.world_size,
+            self.device,
+            prefix,
+        )
 
     def _evaluate_and_report(self, stage: Stage, optims: Mapping[str, Optim]) -> None:
         started = time.perf_counter()
@@ -320,8 +387,9 @@ class TrialRunner:
         if improved:
             self.progress.best_metric, self.progress.best_step = metrics[PRIMARY_METRIC], step
         metrics.update(self._drain(self._report_window))
-        metrics.update({"step": step, "stage_index": self.progress.stage_index,
-                        "val_target/best_miou": self.progress.best_metric})
+        metrics.update(
+            {"step": step, "stage_index": self.progress.stage_index, "val_target/best_miou": self.progress.best_metric}
+        )
         self.evaluations.append(metrics)
         with tempfile.TemporaryDirectory(prefix="uda-ckpt-") as directory:
             checkpoint_dir = None
@@ -343,8 +411,9 @@ class TrialRunner:
         """`method.samples` on the first `count` target validation images, modules in eval mode."""
         if self.method.samples is None:
             return {}
-        batch = next(eval_batches(self._files["target_val"], ["image"], count, self.info.num_classes,
-                                  size=self.task.target_size))
+        batch = next(
+            eval_batches(self._files["target_val"], ["image"], count, self.info.num_classes, size=self.task.target_size)
+        )
         modes = {name: module.training for name, module in self.modules.items()}
         self.modules.eval()
         try:
@@ -355,9 +424,17 @@ class TrialRunner:
                 module.train(modes[name])
 
     def _checkpoint_meta(self, stage: Stage, metrics: Mapping[str, float]) -> dict[str, Any]:
-        return {"method": self.spec.method, "task": self.spec.task, "seed": self.spec.seed,
-                "hyperparams": dataclasses.asdict(self.hp), "stage": stage.name, "step": self.progress.global_step,
-                PRIMARY_METRIC: metrics[PRIMARY_METRIC], "dataset_fingerprints": self.fingerprints, **self.spec.tags}
+        return {
+            "method": self.spec.method,
+            "task": self.spec.task,
+            "seed": self.spec.seed,
+            "hyperparams": dataclasses.asdict(self.hp),
+            "stage": stage.name,
+            "step": self.progress.global_step,
+            PRIMARY_METRIC: metrics[PRIMARY_METRIC],
+            "dataset_fingerprints": self.fingerprints,
+            **self.spec.tags,
+        }
 
     def _training_state(self, optims: Mapping[str, Optim]) -> dict[str, Any]:
         return {
@@ -391,8 +468,10 @@ class TrialRunner:
     def _set_modes(self, stage: Stage) -> None:
         unknown = set(stage.trains) - set(self.modules.keys())
         if unknown:
-            raise ValueError(f"stage {stage.name!r} trains unknown modules {sorted(unknown)}; "
-                             f"the method builds {sorted(self.modules.keys())}")
+            raise ValueError(
+                f"stage {stage.name!r} trains unknown modules {sorted(unknown)}; "
+                f"the method builds {sorted(self.modules.keys())}"
+            )
         for name, module in self.modules.items():
             trained = name in stage.trains
             module.train(trained)
@@ -411,13 +490,16 @@ class TrialRunner:
     def _check_finite(self, losses: Mapping[str, torch.Tensor], stage: Stage) -> None:
         if not losses:
             return
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().reshape(()).cpu()
-                              for v in losses.values()])
+        values = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float32).detach().reshape(()).cpu() for v in losses.values()]
+        )
         if not torch.isfinite(values).all():
             bad = {name: float(v) for name, v in zip(losses, values) if not math.isfinite(float(v))}
             name, value = next(iter(bad.items()))
-            raise NonFiniteLossError(f"train/{name} became {value} at step {self.progress.global_step + 1} "
-                                     f"(stage {stage.name!r}); the trial stops here")
+            raise NonFiniteLossError(
+                f"train/{name} became {value} at step {self.progress.global_step + 1} "
+                f"(stage {stage.name!r}); the trial stops here"
+            )
 
     def _record_losses(self, losses: Mapping[str, torch.Tensor]) -> None:
         for name, value in losses.items():
@@ -429,8 +511,9 @@ class TrialRunner:
         """Mean of each loss over the window and over all workers (the loss of the global batch, like one worker
         at the global batch size would log it)."""
         names = sorted(name for name, values in window.items() if values)
-        local = torch.tensor([sum(window[n]) / len(window[n]) for n in names], dtype=torch.float64,
-                             device=self.device)  # NCCL reduces CUDA tensors only
+        local = torch.tensor(
+            [sum(window[n]) / len(window[n]) for n in names], dtype=torch.float64, device=self.device
+        )  # NCCL reduces CUDA tensors only
         window.clear()
         means = distributed.all_reduce_sum(local) / distributed.world_size()
         return dict(zip(names, means.cpu().tolist()))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from scipy import ndimage
 from torch import Tensor
 
 
-def confusion_matrix(prediction: Tensor, label: Tensor, num_classes: int, ignore_index: int = 255,
-                     void: bool = False) -> Tensor:
+def confusion_matrix(
+    prediction: Tensor, label: Tensor, num_classes: int, ignore_index: int = 255, void: bool = False
+) -> Tensor:
     """(K, K) int64 counts, rows = ground truth, columns = prediction; with `void`, (K, K + 1) and predictions
     outside [0, K) counted in the last column (otherwise they must not occur)."""
     valid = label != ignore_index
@@ -58,9 +59,13 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", name.strip())
 
 
-def segmentation_metrics(matrix: Tensor, class_names: Sequence[str], prefix: str,
-                         eval_classes: Sequence[int] | None = None,
-                         subsets: Sequence[tuple[str, Sequence[int]]] = ()) -> dict[str, float]:
+def segmentation_metrics(
+    matrix: Tensor,
+    class_names: Sequence[str],
+    prefix: str,
+    eval_classes: Sequence[int] | None = None,
+    subsets: Sequence[tuple[str, Sequence[int]]] = (),
+) -> dict[str, float]:
     """`{prefix}/miou` over `eval_classes` (default all), `{prefix}/<subset name>` per subset, per-class
     `{prefix}/iou/<class>` (evaluated classes only) and `{prefix}/pixel_accuracy`."""
     classes = list(eval_classes) if eval_classes is not None else list(range(len(class_names)))
@@ -100,10 +105,12 @@ def lung_scores(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
     """Dice, recall, precision (%) and ASD (mm) of one class in one image: boolean masks."""
     tp = float(np.logical_and(prediction, truth).sum())
     predicted, actual = float(prediction.sum()), float(truth.sum())
-    return {"dice": 200 * tp / (predicted + actual) if predicted + actual else math.nan,
-            "recall": 100 * tp / actual if actual else math.nan,
-            "precision": 100 * tp / predicted if predicted else math.nan,
-            "asd_mm": average_surface_distance(prediction, truth, spacing)}
+    return {
+        "dice": 200 * tp / (predicted + actual) if predicted + actual else math.nan,
+        "recall": 100 * tp / actual if actual else math.nan,
+        "precision": 100 * tp / predicted if predicted else math.nan,
+        "asd_mm": average_surface_distance(prediction, truth, spacing),
+    }
 
 
 LUNG_METRICS = ("dice", "recall", "precision", "asd_mm")

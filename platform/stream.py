@@ -26,9 +26,9 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -102,8 +102,9 @@ def _resize_sample(sample: dict[str, torch.Tensor], size: tuple[int, int], resiz
     sample["image"] = F.interpolate(sample["image"][None], size=size, mode="bilinear", align_corners=False)[0]
     if "label" in sample and resize_label:
         label = sample["label"]
-        resized = F.interpolate((label if label.dtype == torch.uint8 else label.float())[None, None], size=size,
-                                mode="nearest")[0, 0]
+        resized = F.interpolate(
+            (label if label.dtype == torch.uint8 else label.float())[None, None], size=size, mode="nearest"
+        )[0, 0]
         sample["label"] = resized.to(label.dtype)
 
 
@@ -125,9 +126,9 @@ def augment_sample(sample: dict[str, torch.Tensor], policy: Policy, augment: Aug
             height, width = sample["image"].shape[-2:]
         top = int(augment.crop[0] * (height - crop_h))
         left = int(augment.crop[1] * (width - crop_w))
-        sample["image"] = sample["image"][:, top:top + crop_h, left:left + crop_w]
+        sample["image"] = sample["image"][:, top : top + crop_h, left : left + crop_w]
         if "label" in sample:
-            sample["label"] = sample["label"][top:top + crop_h, left:left + crop_w]
+            sample["label"] = sample["label"][top : top + crop_h, left : left + crop_w]
     if augment.flip:
         sample["image"] = sample["image"].flip(-1)
         if "label" in sample:
@@ -165,8 +166,9 @@ def finish(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sample
 
 
-def decode_sample(row: dict, num_classes: int, size: tuple[int, int] | None, flip: bool,
-                  resize_label: bool = True) -> dict[str, torch.Tensor]:
+def decode_sample(
+    row: dict, num_classes: int, size: tuple[int, int] | None, flip: bool, resize_label: bool = True
+) -> dict[str, torch.Tensor]:
     """A Parquet row → model inputs (see `finish`), resized to `size` and flipped if asked."""
     sample = decode_row(row, num_classes)
     if size is not None:
@@ -268,8 +270,10 @@ def _binary_cells(chunk: pa.BinaryArray) -> list[pa.Buffer | None]:
     _, offsets, data = chunk.buffers()
     ends = np.frombuffer(offsets, np.int32, count=len(chunk) + 1, offset=chunk.offset * 4)
     nulls = chunk.is_null().to_numpy(zero_copy_only=False) if chunk.null_count else np.zeros(len(chunk), bool)
-    return [None if null else data.slice(int(start), int(end - start))
-            for start, end, null in zip(ends[:-1], ends[1:], nulls)]
+    return [
+        None if null else data.slice(int(start), int(end - start))
+        for start, end, null in zip(ends[:-1], ends[1:], nulls)
+    ]
 
 
 class TrainStream:
@@ -281,9 +285,22 @@ class TrainStream:
     decode threads.
     """
 
-    def __init__(self, files: Sequence[str], columns: Sequence[str], batch_size: int, num_classes: int, seed: int,
-                 rank: int = 0, world_size: int = 1, size: tuple[int, int] | None = None, hflip: bool = False,
-                 start_sample: int = 0, policy: Policy | None = None, threads: int = 2, prefetch: int = 2):
+    def __init__(
+        self,
+        files: Sequence[str],
+        columns: Sequence[str],
+        batch_size: int,
+        num_classes: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        size: tuple[int, int] | None = None,
+        hflip: bool = False,
+        start_sample: int = 0,
+        policy: Policy | None = None,
+        threads: int = 2,
+        prefetch: int = 2,
+    ):
         self.groups = row_groups(files)
         if not self.groups:
             raise ValueError(f"no rows in {', '.join(files) or '(no files)'}")
@@ -299,7 +316,7 @@ class TrainStream:
 
     def _epoch_groups(self, epoch: int) -> list[RowGroup]:
         shared = np.random.default_rng([self.seed, epoch])
-        return [self.groups[g] for g in shared.permutation(len(self.groups))[self.rank::self.world_size]]
+        return [self.groups[g] for g in shared.permutation(len(self.groups))[self.rank :: self.world_size]]
 
     def _epoch_order(self, epoch: int) -> list[tuple[RowGroup, int, Augment]]:
         local = np.random.default_rng([self.seed, epoch, 1 + self.rank])
@@ -331,8 +348,10 @@ class TrainStream:
 
     def _batch(self, items: list[tuple[RowGroup, int, Augment]]) -> dict[str, torch.Tensor]:
         """Read, decode and augment one batch (one pool task), stacked as it was decoded (uint8)."""
-        samples = [augment_sample(decode_row(self.reader.rows(group)[row], self.num_classes), self.policy, augment)
-                   for group, row, augment in items]
+        samples = [
+            augment_sample(decode_row(self.reader.rows(group)[row], self.num_classes), self.policy, augment)
+            for group, row, augment in items
+        ]
         return collate(samples)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -366,8 +385,15 @@ class TrainStream:
             self.reader.close()
 
 
-def eval_batches(files: Sequence[str], columns: Sequence[str], batch_size: int, num_classes: int, rank: int = 0,
-                 world_size: int = 1, size: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(
+    files: Sequence[str],
+    columns: Sequence[str],
+    batch_size: int,
+    num_classes: int,
+    rank: int = 0,
+    world_size: int = 1,
+    size: tuple[int, int] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Every row of the split once (this rank's share: row groups g with g % world_size == rank), in file order.
 
     Images are resized to `size` (the resolution the model segments at); labels keep their full resolution, because

@@ -25,13 +25,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
 
-from platform.datasets import IGNORE_INDEX, Manifest, SplitWriter, finalize, read_manifest, sample_row, DatasetNotFoundError
+from platform.datasets import (
+    IGNORE_INDEX,
+    DatasetNotFoundError,
+    Manifest,
+    SplitWriter,
+    finalize,
+    read_manifest,
+    sample_row,
+)
 
 GENERATOR_VERSION = 2  # 2: the spacing_mm column (part of every sample's random key: a new version is new data)
 # Cells are stored with the platform's fast codec (datasets.py): zstd decodes several times faster than PNG, which
@@ -66,26 +74,58 @@ class UrbanStyle:
 
 
 URBAN_SOURCE = UrbanStyle(
-    palette={ROAD: (88, 88, 96), SIDEWALK: (176, 150, 138), BUILDING: (150, 78, 58), VEGETATION: (58, 142, 48),
-             SKY: (118, 172, 240), POLE: (206, 200, 60)},
+    palette={
+        ROAD: (88, 88, 96),
+        SIDEWALK: (176, 150, 138),
+        BUILDING: (150, 78, 58),
+        VEGETATION: (58, 142, 48),
+        SKY: (118, 172, 240),
+        POLE: (206, 200, 60),
+    },
     car_colours=((200, 30, 30), (36, 40, 196), (226, 226, 226), (28, 28, 28)),
-    horizon=(0.38, 0.5), building_probability=0.7, cars=(0, 3), poles=(0, 3),
-    road_half_width=(0.34, 0.46), sidewalk_width=(0.08, 0.16),
-    texture_contrast=0.25, colour_jitter=10, noise=0.0, blur=0.0, gain=(0.95, 1.05), lighting_gradient=0.0,
+    horizon=(0.38, 0.5),
+    building_probability=0.7,
+    cars=(0, 3),
+    poles=(0, 3),
+    road_half_width=(0.34, 0.46),
+    sidewalk_width=(0.08, 0.16),
+    texture_contrast=0.25,
+    colour_jitter=10,
+    noise=0.0,
+    blur=0.0,
+    gain=(0.95, 1.05),
+    lighting_gradient=0.0,
 )
 
 URBAN_TARGET = UrbanStyle(
     # Desaturated and warmer than the source (an overcast real camera), not a permutation of its colours.
-    palette={ROAD: (112, 104, 100), SIDEWALK: (156, 144, 132), BUILDING: (142, 112, 98), VEGETATION: (96, 124, 70),
-             SKY: (176, 188, 204), POLE: (156, 150, 104)},
+    palette={
+        ROAD: (112, 104, 100),
+        SIDEWALK: (156, 144, 132),
+        BUILDING: (142, 112, 98),
+        VEGETATION: (96, 124, 70),
+        SKY: (176, 188, 204),
+        POLE: (156, 150, 104),
+    },
     car_colours=((150, 64, 60), (70, 76, 140), (196, 196, 188), (52, 52, 56)),
-    horizon=(0.45, 0.58), building_probability=0.45, cars=(1, 4), poles=(0, 2),
-    road_half_width=(0.26, 0.38), sidewalk_width=(0.1, 0.2),
-    texture_contrast=0.15, colour_jitter=14, noise=0.05, blur=0.8, gain=(0.7, 1.1), lighting_gradient=0.25,
+    horizon=(0.45, 0.58),
+    building_probability=0.45,
+    cars=(1, 4),
+    poles=(0, 2),
+    road_half_width=(0.26, 0.38),
+    sidewalk_width=(0.1, 0.2),
+    texture_contrast=0.15,
+    colour_jitter=14,
+    noise=0.05,
+    blur=0.8,
+    gain=(0.7, 1.1),
+    lighting_gradient=0.25,
 )
 
 
-def _urban_layout(rng: np.random.Generator, style: UrbanStyle) -> tuple[np.ndarray, list[tuple[np.ndarray, int, tuple]]]:
+def _urban_layout(
+    rng: np.random.Generator, style: UrbanStyle
+) -> tuple[np.ndarray, list[tuple[np.ndarray, int, tuple]]]:
     """Label map (H, W) and the instances (mask, class, colour) to paint over the class fills."""
     height, width = URBAN_SIZE
     yy, xx = np.mgrid[0:height, 0:width]
@@ -129,13 +169,15 @@ def _urban_layout(rng: np.random.Generator, style: UrbanStyle) -> tuple[np.ndarr
         bottom = int(horizon + t * (height - horizon))
         top = int(max(0, bottom - t * rng.uniform(0.6, 0.9) * height))
         half = max(1, int(round(t * 1.5)))
-        label[max(0, top):bottom, max(0, px - half):max(0, px + half)] = POLE
+        label[max(0, top) : bottom, max(0, px - half) : max(0, px + half)] = POLE
     for t in sorted(rng.uniform(0.15, 0.9, size=int(rng.integers(style.cars[0], style.cars[1] + 1)))):
         bottom = horizon + t * (height - horizon)
         car_width = t * rng.uniform(0.22, 0.32) * width
         cx = vanish_x + rng.uniform(-0.6, 0.6) * t * half_bottom
         body = (np.abs(xx - cx) <= car_width / 2) & (yy <= bottom) & (yy >= bottom - car_width * 0.32)
-        cabin = (np.abs(xx - cx) <= car_width * 0.32) & (yy < bottom - car_width * 0.32) & (yy >= bottom - car_width * 0.55)
+        cabin = (
+            (np.abs(xx - cx) <= car_width * 0.32) & (yy < bottom - car_width * 0.32) & (yy >= bottom - car_width * 0.55)
+        )
         mask = body | cabin
         label[mask] = CAR
         colour = style.car_colours[int(rng.integers(len(style.car_colours)))]
@@ -167,7 +209,7 @@ def _render_urban(rng: np.random.Generator, label: np.ndarray, instances: list, 
     foliage = ndimage.gaussian_filter(rng.normal(0, 1, (height, width)), 1.5)
     vegetation = label == VEGETATION
     image[vegetation] *= (1 + 1.5 * contrast * foliage[vegetation] / (foliage.std() + 1e-6))[:, None]
-    for mask, cls, (colour, cabin) in (i for i in instances if i[1] == CAR):  # far to near: near cars occlude
+    for mask, _, (colour, cabin) in (i for i in instances if i[1] == CAR):  # far to near: near cars occlude
         image[mask] = np.asarray(colour) / 255.0
         image[cabin] *= 1 - 1.5 * contrast  # windows
     # Camera: gain, a horizontal lighting gradient, blur, sensor noise.
@@ -207,12 +249,30 @@ class EndoscopyStyle:
     highlights: int
 
 
-ENDOSCOPY_SOURCE = EndoscopyStyle(tissue=(222, 132, 122), lesion=(160, 44, 58), vessel=(176, 70, 72),
-                                  lesion_radius=(6, 14), lesion_free=0.33, field_of_view=False,
-                                  contrast=1.0, noise=0.01, blur=0.0, highlights=0)
-ENDOSCOPY_TARGET = EndoscopyStyle(tissue=(214, 176, 120), lesion=(206, 120, 104), vessel=(190, 140, 96),
-                                  lesion_radius=(4, 10), lesion_free=0.33, field_of_view=True,
-                                  contrast=0.7, noise=0.04, blur=0.9, highlights=3)
+ENDOSCOPY_SOURCE = EndoscopyStyle(
+    tissue=(222, 132, 122),
+    lesion=(160, 44, 58),
+    vessel=(176, 70, 72),
+    lesion_radius=(6, 14),
+    lesion_free=0.33,
+    field_of_view=False,
+    contrast=1.0,
+    noise=0.01,
+    blur=0.0,
+    highlights=0,
+)
+ENDOSCOPY_TARGET = EndoscopyStyle(
+    tissue=(214, 176, 120),
+    lesion=(206, 120, 104),
+    vessel=(190, 140, 96),
+    lesion_radius=(4, 10),
+    lesion_free=0.33,
+    field_of_view=True,
+    contrast=0.7,
+    noise=0.04,
+    blur=0.9,
+    highlights=3,
+)
 
 
 def _endoscopy_sample(rng: np.random.Generator, style: EndoscopyStyle) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -279,7 +339,9 @@ def _jsrt_curve(x: np.ndarray) -> np.ndarray:
     return 0.42 + 0.5 * np.power(np.clip(x, 0, 1), 0.6)
 
 
-CXR_SOURCE = CxrStyle(lung_scale=(0.9, 1.05), lung_drop=(-0.02, 0.02), intensity=_montgomery_curve, noise=0.01, blur=0.0)
+CXR_SOURCE = CxrStyle(
+    lung_scale=(0.9, 1.05), lung_drop=(-0.02, 0.02), intensity=_montgomery_curve, noise=0.01, blur=0.0
+)
 CXR_TARGET = CxrStyle(lung_scale=(1.0, 1.15), lung_drop=(0.02, 0.07), intensity=_jsrt_curve, noise=0.04, blur=0.8)
 
 _LEFT_LUNG, _RIGHT_LUNG = 1, 2  # class ids; the patient's right lung appears on the image's left
@@ -304,7 +366,7 @@ def _cxr_sample(rng: np.random.Generator, style: CxrStyle) -> tuple[np.ndarray, 
     for cls, mask in lungs.items():
         label[mask] = cls
         image[mask] = 0.22
-    ribs = (np.sin((yy * height + 6 * (xx - 0.5) ** 2 * height) * 0.7 + rng.uniform(0, 6.3)) > 0.8)
+    ribs = np.sin((yy * height + 6 * (xx - 0.5) ** 2 * height) * 0.7 + rng.uniform(0, 6.3)) > 0.8
     image[ribs & (label > 0)] += 0.14
     image[heart & body] = 0.7
     spine = (np.abs(xx - 0.5) < 0.05) & body
@@ -338,13 +400,16 @@ def _with_style(sample, style):
 SPLITS = {"train": 800, "val": 200}
 
 DATASETS: dict[str, SyntheticDataset] = {
-    d.name: d for d in (
+    d.name: d
+    for d in (
         SyntheticDataset("synthetic-urban-source", URBAN_CLASSES, 3, _with_style(_urban_sample, URBAN_SOURCE), SPLITS),
         SyntheticDataset("synthetic-urban-target", URBAN_CLASSES, 3, _with_style(_urban_sample, URBAN_TARGET), SPLITS),
-        SyntheticDataset("synthetic-endoscopy-source", ENDOSCOPY_CLASSES, 3,
-                         _with_style(_endoscopy_sample, ENDOSCOPY_SOURCE), SPLITS),
-        SyntheticDataset("synthetic-endoscopy-target", ENDOSCOPY_CLASSES, 3,
-                         _with_style(_endoscopy_sample, ENDOSCOPY_TARGET), SPLITS),
+        SyntheticDataset(
+            "synthetic-endoscopy-source", ENDOSCOPY_CLASSES, 3, _with_style(_endoscopy_sample, ENDOSCOPY_SOURCE), SPLITS
+        ),
+        SyntheticDataset(
+            "synthetic-endoscopy-target", ENDOSCOPY_CLASSES, 3, _with_style(_endoscopy_sample, ENDOSCOPY_TARGET), SPLITS
+        ),
         # Pixel spacing: a 64-pixel image of a ~350 mm wide chest.
         SyntheticDataset("synthetic-cxr-source", CXR_CLASSES, 1, _with_style(_cxr_sample, CXR_SOURCE), SPLITS, 5.5),
         SyntheticDataset("synthetic-cxr-target", CXR_CLASSES, 1, _with_style(_cxr_sample, CXR_TARGET), SPLITS, 5.5),
@@ -364,8 +429,11 @@ def ensure(root: str, name: str, seed: int = 0) -> Manifest:
     try:
         manifest = read_manifest(root, name)
         source = manifest.source
-        if (source.get("generator_version"), source.get("seed"), source.get("codec", "png")) == \
-                (GENERATOR_VERSION, seed, CODEC):
+        if (source.get("generator_version"), source.get("seed"), source.get("codec", "png")) == (
+            GENERATOR_VERSION,
+            seed,
+            CODEC,
+        ):
             return manifest
     except DatasetNotFoundError:
         pass
@@ -379,14 +447,21 @@ def ensure(root: str, name: str, seed: int = 0) -> Manifest:
             for index in range(count):
                 image, label, image_labels = generate(name, index, split, seed)
                 spacing = (dataset.pixel_spacing_mm,) * 2 if dataset.pixel_spacing_mm else None
-                writer.add(sample_row(f"{split}-{index:05d}", image, label, image_labels, spacing, CODEC),
-                           label=label)
+                writer.add(sample_row(f"{split}-{index:05d}", image, label, image_labels, spacing, CODEC), label=label)
             splits[split] = writer.close()
-        manifest = finalize(staging, Manifest(
-            name=name, num_classes=len(dataset.class_names), class_names=list(dataset.class_names),
-            channels=dataset.channels, label_map=name, splits=splits, pixel_spacing_mm=dataset.pixel_spacing_mm,
-            source={"kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed, "codec": CODEC},
-        ))
+        manifest = finalize(
+            staging,
+            Manifest(
+                name=name,
+                num_classes=len(dataset.class_names),
+                class_names=list(dataset.class_names),
+                channels=dataset.channels,
+                label_map=name,
+                splits=splits,
+                pixel_spacing_mm=dataset.pixel_spacing_mm,
+                source={"kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed, "codec": CODEC},
+            ),
+        )
         final = os.path.join(root, name)
         if os.path.isdir(final):
             shutil.rmtree(final)

@@ -43,16 +43,31 @@ class Task:
 
     @property
     def datasets(self) -> tuple[str, ...]:
-        splits = (self.source_train, self.target_train, self.target_val) + ((self.target_test,) if self.target_test else ())
+        splits = (self.source_train, self.target_train, self.target_val) + (
+            (self.target_test,) if self.target_test else ()
+        )
         return tuple(dict.fromkeys(s.dataset for s in splits))
 
 
-def _synthetic(name: str, description: str, class_names: tuple[str, ...], channels: int, hflip: bool,
-               target_image_labels: bool = False) -> Task:
+def _synthetic(
+    name: str,
+    description: str,
+    class_names: tuple[str, ...],
+    channels: int,
+    hflip: bool,
+    target_image_labels: bool = False,
+) -> Task:
     return Task(
-        name=name, description=description, synthetic=True, hflip=hflip,
-        info=TaskInfo(num_classes=len(class_names), in_channels=channels, class_names=class_names,
-                      target_image_labels=target_image_labels),
+        name=name,
+        description=description,
+        synthetic=True,
+        hflip=hflip,
+        info=TaskInfo(
+            num_classes=len(class_names),
+            in_channels=channels,
+            class_names=class_names,
+            target_image_labels=target_image_labels,
+        ),
         source_train=Split(f"{name}-source", "train"),
         target_train=Split(f"{name}-target", "train"),
         target_val=Split(f"{name}-target", "val"),
@@ -60,14 +75,32 @@ def _synthetic(name: str, description: str, class_names: tuple[str, ...], channe
 
 
 _TASKS = (
-    _synthetic("synthetic-urban", "street scenes, rendered → real-looking (palette, texture, noise, blur, lighting, "
-               "label shift); 7 classes", synthetic.URBAN_CLASSES, 3, hflip=True),
-    _synthetic("synthetic-endoscopy", "normal tissue vs lesion, gastroscope → enteroscope look; image-level labels on "
-               "target", synthetic.ENDOSCOPY_CLASSES, 3, hflip=True, target_image_labels=True),
+    _synthetic(
+        "synthetic-urban",
+        "street scenes, rendered → real-looking (palette, texture, noise, blur, lighting, label shift); 7 classes",
+        synthetic.URBAN_CLASSES,
+        3,
+        hflip=True,
+    ),
+    _synthetic(
+        "synthetic-endoscopy",
+        "normal tissue vs lesion, gastroscope → enteroscope look; image-level labels on target",
+        synthetic.ENDOSCOPY_CLASSES,
+        3,
+        hflip=True,
+        target_image_labels=True,
+    ),
     # No flips for chest X-rays: left and right lungs are different classes.
-    dataclasses.replace(_synthetic("synthetic-cxr", "chest X-ray lungs (background, left lung, right lung), "
-                                   "Montgomery → JSRT-like intensity shift", synthetic.CXR_CLASSES, 1, hflip=False),
-                        lung_metrics=True),
+    dataclasses.replace(
+        _synthetic(
+            "synthetic-cxr",
+            "chest X-ray lungs (background, left lung, right lung), Montgomery → JSRT-like intensity shift",
+            synthetic.CXR_CLASSES,
+            1,
+            hflip=False,
+        ),
+        lung_metrics=True,
+    ),
 )
 
 
@@ -83,47 +116,81 @@ def cityscapes_train_classes() -> tuple[str, ...]:
 SYNTHIA_16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 SYNTHIA_13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 NTHU_13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)  # road ... bicycle without wall, fence, pole, terrain,
-                                                           # truck, train
+# truck, train
 
 
 def _cityscapes_target(name: str, description: str, source: Split, source_size: tuple[int, int], **kwargs) -> Task:
     """Cityscapes as the target: train images unlabelled for adaptation, val (500 images) for scoring at 2048x1024;
     training sizes as the papers resize them (CIRN Impl. details; the AdaptSegNet convention CSCL and TD/TF share)."""
-    return Task(name=name, description=description,
-                info=TaskInfo(num_classes=19, in_channels=3, class_names=cityscapes_train_classes()),
-                source_train=source, target_train=Split("cityscapes", "train"), target_val=Split("cityscapes", "val"),
-                source_size=source_size, target_size=(512, 1024), **kwargs)
+    return Task(
+        name=name,
+        description=description,
+        info=TaskInfo(num_classes=19, in_channels=3, class_names=cityscapes_train_classes()),
+        source_train=source,
+        target_train=Split("cityscapes", "train"),
+        target_val=Split("cityscapes", "val"),
+        source_size=source_size,
+        target_size=(512, 1024),
+        **kwargs,
+    )
 
 
 def _nthu(city: str) -> Task:
     """Cityscapes → NTHU (CSCL Sec. 4.4): the model keeps the 19 Cityscapes classes; scored on the 13 that NTHU
     labels, on each city's test split (NTHU images are 2048x1024, segmented at 1024x512 like Cityscapes)."""
-    return Task(name=f"cityscapes-nthu-{city}", description=f"Cityscapes train → NTHU {city.title()}; 13 classes",
-                info=TaskInfo(num_classes=19, in_channels=3, class_names=cityscapes_train_classes()),
-                source_train=Split("cityscapes", "train"), target_train=Split(f"nthu-{city}", "train"),
-                target_val=Split(f"nthu-{city}", "test"), source_size=(512, 1024), target_size=(512, 1024),
-                eval_classes=NTHU_13)
+    return Task(
+        name=f"cityscapes-nthu-{city}",
+        description=f"Cityscapes train → NTHU {city.title()}; 13 classes",
+        info=TaskInfo(num_classes=19, in_channels=3, class_names=cityscapes_train_classes()),
+        source_train=Split("cityscapes", "train"),
+        target_train=Split(f"nthu-{city}", "train"),
+        target_val=Split(f"nthu-{city}", "test"),
+        source_size=(512, 1024),
+        target_size=(512, 1024),
+        eval_classes=NTHU_13,
+    )
 
 
 _PAPER_TASKS = (
-    _cityscapes_target("gta5-cityscapes", "GTA5 (24,966 frames) → Cityscapes; scored on Cityscapes val, 19 classes",
-                       Split("gta5", "train"), (720, 1280)),
-    _cityscapes_target("synthia-cityscapes", "SYNTHIA-RAND-CITYSCAPES → Cityscapes; scored on 16 classes (and 13)",
-                       Split("synthia", "train"), (760, 1280), eval_classes=SYNTHIA_16,
-                       class_subsets=(("miou13", SYNTHIA_13),)),
+    _cityscapes_target(
+        "gta5-cityscapes",
+        "GTA5 (24,966 frames) → Cityscapes; scored on Cityscapes val, 19 classes",
+        Split("gta5", "train"),
+        (720, 1280),
+    ),
+    _cityscapes_target(
+        "synthia-cityscapes",
+        "SYNTHIA-RAND-CITYSCAPES → Cityscapes; scored on 16 classes (and 13)",
+        Split("synthia", "train"),
+        (760, 1280),
+        eval_classes=SYNTHIA_16,
+        class_subsets=(("miou13", SYNTHIA_13),),
+    ),
     *(_nthu(city) for city in ("rome", "rio", "tokyo", "taipei")),
     # The endoscopy papers' own data (not public): gastroscope (source) → enteroscope (target), converted with
     # `python -m platform.data convert endoscopy`; both papers leave the input size open: 512x512 here.
-    Task(name="endoscopy", description="gastroscope → enteroscope lesions (normal, disease); image-level labels on "
-         "target", info=TaskInfo(num_classes=2, in_channels=3, class_names=("normal", "disease"),
-                                target_image_labels=True),
-         source_train=Split("endoscopy-gastroscope", "train"), target_train=Split("endoscopy-enteroscope", "train"),
-         target_val=Split("endoscopy-enteroscope", "test"), source_size=(512, 512), target_size=(512, 512)),
+    Task(
+        name="endoscopy",
+        description="gastroscope → enteroscope lesions (normal, disease); image-level labels on target",
+        info=TaskInfo(num_classes=2, in_channels=3, class_names=("normal", "disease"), target_image_labels=True),
+        source_train=Split("endoscopy-gastroscope", "train"),
+        target_train=Split("endoscopy-enteroscope", "train"),
+        target_val=Split("endoscopy-enteroscope", "test"),
+        source_size=(512, 512),
+        target_size=(512, 512),
+    ),
     # SeUDA: Montgomery → JSRT at 512x512, 7:1:2 splits; model selection on JSRT val, the paper reports JSRT test.
-    Task(name="montgomery-jsrt", description="Montgomery County → JSRT chest X-rays; per-lung Dice, recall, precision, "
-         "ASD", info=TaskInfo(num_classes=3, in_channels=1, class_names=("background", "left lung", "right lung")),
-         source_train=Split("montgomery", "train"), target_train=Split("jsrt", "train"), target_val=Split("jsrt", "val"),
-         target_test=Split("jsrt", "test"), hflip=False, lung_metrics=True),
+    Task(
+        name="montgomery-jsrt",
+        description="Montgomery County → JSRT chest X-rays; per-lung Dice, recall, precision, ASD",
+        info=TaskInfo(num_classes=3, in_channels=1, class_names=("background", "left lung", "right lung")),
+        source_train=Split("montgomery", "train"),
+        target_train=Split("jsrt", "train"),
+        target_val=Split("jsrt", "val"),
+        target_test=Split("jsrt", "test"),
+        hflip=False,
+        lung_metrics=True,
+    ),
 )
 
 TASKS: dict[str, Task] = {task.name: task for task in _TASKS + _PAPER_TASKS}
@@ -158,7 +225,8 @@ def prepare(task: Task, data_root: str) -> dict[str, str]:
                 raise DatasetNotFoundError(
                     f"synthetic dataset {dataset!r} is not under {data_root}; synthetic data is generated on a local "
                     f"data root only: run `python -m platform.data prepare {task.name} --data-root DIR` and copy DIR "
-                    f"there, or give a local --data-root") from None
+                    f"there, or give a local --data-root"
+                ) from None
         else:
             try:
                 manifest = read_manifest(data_root, dataset)
@@ -166,7 +234,8 @@ def prepare(task: Task, data_root: str) -> dict[str, str]:
                 raise DatasetNotFoundError(
                     f"dataset {dataset!r} for task {task.name} is not prepared under {data_root}; convert the official "
                     f"download with: python -m platform.data convert {converter_for(dataset)} SRC_DIR "
-                    f"{join(data_root, dataset)}") from None
+                    f"{join(data_root, dataset)}"
+                ) from None
         fingerprints[dataset] = manifest.fingerprint
     return fingerprints
 

@@ -18,7 +18,8 @@ import re
 import subprocess
 import tempfile
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,8 +62,12 @@ def ui_command(tracking_uri: str) -> str:
 def code_version(repository: str) -> str:
     """`git describe --always --dirty` of the repository, or "unknown" outside a git checkout (e.g. a Ray job)."""
     try:
-        out = subprocess.run(["git", "-C", repository, "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", repository, "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -90,8 +95,14 @@ class Tracker:
             location = "file://" + os.path.join(root, re.sub(r"[^0-9A-Za-z_.-]+", "_", name))
         return self.client.create_experiment(name, artifact_location=location)
 
-    def start_sweep(self, experiment_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-                    artifacts: Mapping[str, str]) -> str:
+    def start_sweep(
+        self,
+        experiment_id: str,
+        name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        artifacts: Mapping[str, str],
+    ) -> str:
         """The parent run: sweep parameters as params, the full sweep definition as text artifacts."""
         run = self.client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: name, **tags})
         self._log_params(run.info.run_id, params)
@@ -100,16 +111,26 @@ class Tracker:
         return run.info.run_id
 
     def find_sweep(self, experiment_id: str, name: str) -> str | None:
-        runs = self.client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{name}' and attributes.run_name = '{name}'",
-                                       max_results=1)
+        runs = self.client.search_runs(
+            [experiment_id], f"tags.`{SWEEP_TAG}` = '{name}' and attributes.run_name = '{name}'", max_results=1
+        )
         return runs[0].info.run_id if runs else None
 
-    def start_trial(self, experiment_id: str, parent_run_id: str, trial_id: str, name: str,
-                    params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    def start_trial(
+        self,
+        experiment_id: str,
+        parent_run_id: str,
+        trial_id: str,
+        name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+    ) -> str:
         """The trial's child run; on resume (same trial id under the same parent) the existing run is reused."""
         existing = self.client.search_runs(
-            [experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
-            max_results=1)
+            [experiment_id],
+            f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+            max_results=1,
+        )
         if existing:
             run_id = existing[0].info.run_id
             for tag in (REASON_TAG, NOTE_TAG):  # a failed trial run again: its old failure no longer describes it
@@ -117,8 +138,9 @@ class Tracker:
                     self.client.delete_tag(run_id, tag)
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(experiment_id, run_name=name,
-                                     tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, **tags})
+        run = self.client.create_run(
+            experiment_id, run_name=name, tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, **tags}
+        )
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -143,7 +165,7 @@ class Tracker:
     def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(key, _param_value(value)) for key, value in sorted(params.items())]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
 
 class TrialLogger:
@@ -155,16 +177,18 @@ class TrialLogger:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(key, float(value), now, step) for key, value in metrics.items()
-                 if isinstance(value, (int, float)) and math.isfinite(float(value))]
+        items = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and math.isfinite(float(value))
+        ]
         for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
     def log_checkpoint(self, kind: str, modules: nn.ModuleDict, meta: Mapping[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="uda-weights-") as directory:
             checkpoints.write_weights(directory, kind, modules, meta)
             self.client.log_artifacts(self.run_id, directory, artifact_path=checkpoints.ARTIFACT_DIR)
-
 
     def log_images(self, images: Mapping[str, torch.Tensor], step: int) -> None:
         """Each named batch (B, C, H, W) in [0, 1] as one PNG strip under `samples/step-NNNNNNNN/<name>.png`."""
@@ -173,7 +197,8 @@ class TrialLogger:
                 strip = torch.cat(list(batch.detach().cpu().clamp(0, 1)), dim=-1)  # (C, H, B*W)
                 array = (strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                 Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(
-                    os.path.join(directory, f"{name}.png"))
+                    os.path.join(directory, f"{name}.png")
+                )
             self.client.log_artifacts(self.run_id, directory, artifact_path=f"samples/step-{step:08d}")
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import ray.train
 import torch
@@ -31,7 +32,6 @@ from platform import tasks
 from platform.datasets import resolve_root
 from platform.loop import TrialRunner, TrialSpec
 from platform.tracking import TrialLogger
-
 
 
 class RayTrainSession:
@@ -80,9 +80,18 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def trainer_for_spec(spec: TrialSpec, *, name: str, storage_path: str, workers: int = 1, cpus_per_worker: int = 1,
-                     gpus_per_worker: float = 0, tracking: Mapping[str, str] | None = None,
-                     callbacks: Sequence[Any] = (), max_failures: int = 0) -> TorchTrainer:
+def trainer_for_spec(
+    spec: TrialSpec,
+    *,
+    name: str,
+    storage_path: str,
+    workers: int = 1,
+    cpus_per_worker: int = 1,
+    gpus_per_worker: float = 0,
+    tracking: Mapping[str, str] | None = None,
+    callbacks: Sequence[Any] = (),
+    max_failures: int = 0,
+) -> TorchTrainer:
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
@@ -101,12 +110,24 @@ def trainer_for_spec(spec: TrialSpec, *, name: str, storage_path: str, workers: 
     )
 
 
-def build_trainer(method: str, task: str | None = None, *, overrides: Mapping[str, Any] | None = None, seed: int = 0,
-                  max_steps: int | None = None, eval_every: int | None = None, workers: int = 1,
-                  cpus_per_worker: int = 1, gpus_per_worker: float = 0, data_root: str | None = None,
-                  storage_path: str | None = None, name: str | None = None,
-                  tracking: Mapping[str, str] | None = None, max_failures: int = 0,
-                  sync_batchnorm: bool = False) -> TorchTrainer:
+def build_trainer(
+    method: str,
+    task: str | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    max_steps: int | None = None,
+    eval_every: int | None = None,
+    workers: int = 1,
+    cpus_per_worker: int = 1,
+    gpus_per_worker: float = 0,
+    data_root: str | None = None,
+    storage_path: str | None = None,
+    name: str | None = None,
+    tracking: Mapping[str, str] | None = None,
+    max_failures: int = 0,
+    sync_batchnorm: bool = False,
+) -> TorchTrainer:
     """A ready TorchTrainer running `method` on `task` (default: the method's default task).
 
     `overrides` are Hyperparams field values on top of the search space's per-task defaults; everything is validated
@@ -117,10 +138,25 @@ def build_trainer(method: str, task: str | None = None, *, overrides: Mapping[st
     resolved = config_module.resolve(method, task, overrides, max_steps, eval_every)
     data_root = resolve_root(data_root or tasks.default_data_root())
     tasks.prepare(resolved.task, data_root)
-    spec = TrialSpec(method=resolved.method.name, task=resolved.task.name, hyperparams=dict(resolved.base),
-                     seed=seed, max_steps=resolved.max_steps, eval_every=resolved.eval_every, data_root=data_root,
-                     threads=cpus_per_worker, sync_batchnorm=sync_batchnorm)
+    spec = TrialSpec(
+        method=resolved.method.name,
+        task=resolved.task.name,
+        hyperparams=dict(resolved.base),
+        seed=seed,
+        max_steps=resolved.max_steps,
+        eval_every=resolved.eval_every,
+        data_root=data_root,
+        threads=cpus_per_worker,
+        sync_batchnorm=sync_batchnorm,
+    )
     name = name or f"{resolved.method.name}-{resolved.task.name}-seed{seed}"
-    return trainer_for_spec(spec, name=name, storage_path=os.path.abspath(storage_path or config_module.DEFAULT_STORAGE),
-                            workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                            tracking=tracking, max_failures=max_failures)
+    return trainer_for_spec(
+        spec,
+        name=name,
+        storage_path=os.path.abspath(storage_path or config_module.DEFAULT_STORAGE),
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        tracking=tracking,
+        max_failures=max_failures,
+    )

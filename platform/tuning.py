@@ -23,16 +23,17 @@ import contextlib
 import dataclasses
 import logging
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import ray
 import torch
 from ray import tune
+from ray.train.v2.api.exceptions import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
-from ray.train.v2.api.exceptions import TrainingFailedError
 
 from platform.config import INLINE, TRAIN, Sweep
 from platform.loop import PRIMARY_METRIC, TrialRunner, TrialSpec
@@ -82,7 +83,7 @@ class TrialError(RuntimeError):
 
 
 def one_line(error: BaseException) -> str:
-    """"Type: first line of the message", the reason recorded in Tune and MLflow."""
+    """ "Type: first line of the message", the reason recorded in Tune and MLflow."""
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
@@ -103,24 +104,49 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
     hp = {**template.base, **config["hp"]}
     seed = int(config["seed"])
     tracker = Tracker(template.tracking_uri)
-    params = {**template.defaults, **hp, "seed": seed, "max_steps": template.max_steps,
-              "eval_every": template.eval_every, "workers": template.workers}
+    params = {
+        **template.defaults,
+        **hp,
+        "seed": seed,
+        "max_steps": template.max_steps,
+        "eval_every": template.eval_every,
+        "workers": template.workers,
+    }
     tags = tags_for(template.method, template.task, seed, template.code_version, template.fingerprints)
-    run_id = tracker.start_trial(template.experiment_id, template.parent_run_id, trial_id,
-                                 f"{trial_id} {trial_label(config, tuple(config['hp']))}", params,
-                                 {**tags, "uda.sweep": template.sweep_name})
-    spec = TrialSpec(method=template.method, task=template.task, hyperparams=hp, seed=seed,
-                     max_steps=template.max_steps, eval_every=template.eval_every, data_root=template.data_root,
-                     threads=template.cpus_per_worker, sync_batchnorm=template.sync_batchnorm,
-                     tags={"mlflow_run_id": run_id, "trial_id": trial_id})
+    run_id = tracker.start_trial(
+        template.experiment_id,
+        template.parent_run_id,
+        trial_id,
+        f"{trial_id} {trial_label(config, tuple(config['hp']))}",
+        params,
+        {**tags, "uda.sweep": template.sweep_name},
+    )
+    spec = TrialSpec(
+        method=template.method,
+        task=template.task,
+        hyperparams=hp,
+        seed=seed,
+        max_steps=template.max_steps,
+        eval_every=template.eval_every,
+        data_root=template.data_root,
+        threads=template.cpus_per_worker,
+        sync_batchnorm=template.sync_batchnorm,
+        tags={"mlflow_run_id": run_id, "trial_id": trial_id},
+    )
     if template.runner == INLINE:
         _train_inline(spec, tracker, template.tracking_uri, run_id)
         return
     trainer = trainer_for_spec(
-        spec, name=trial_id, storage_path=template.storage_path,
-        workers=template.workers, cpus_per_worker=template.cpus_per_worker,
-        gpus_per_worker=template.gpus_per_worker, tracking={"uri": template.tracking_uri, "run_id": run_id},
-        callbacks=[TuneReportCallback()], max_failures=template.max_failures)
+        spec,
+        name=trial_id,
+        storage_path=template.storage_path,
+        workers=template.workers,
+        cpus_per_worker=template.cpus_per_worker,
+        gpus_per_worker=template.gpus_per_worker,
+        tracking={"uri": template.tracking_uri, "run_id": run_id},
+        callbacks=[TuneReportCallback()],
+        max_failures=template.max_failures,
+    )
     try:
         trainer.fit()
     except TrainingFailedError as error:
@@ -187,8 +213,12 @@ def searcher(sweep: Sweep, sampling_seed: int) -> Searcher | None:
     from ray.tune.search.optuna import OptunaSearch
 
     first = [{f"hp/{key}": value for key, value in point.items()} for point in sweep.points]
-    inner = OptunaSearch(metric=PRIMARY_METRIC, mode=MODE, points_to_evaluate=first,
-                         sampler=optuna.samplers.TPESampler(seed=sampling_seed))
+    inner = OptunaSearch(
+        metric=PRIMARY_METRIC,
+        mode=MODE,
+        points_to_evaluate=first,
+        sampler=optuna.samplers.TPESampler(seed=sampling_seed),
+    )
     return SeedReplicas(inner, sweep.seeds)
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import importlib
 import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 RANGE_KINDS = ("uniform", "loguniform", "randint", "choice")
 SEED_AXIS = "seed"
@@ -27,7 +28,9 @@ class SearchSpace:
     def grid_points(self, name: str) -> list[dict[str, Any]]:
         """The points of a named grid, in a deterministic order (products expand row-major in key order)."""
         if name not in self.grids:
-            raise ValueError(f"unknown grid {name!r} for {self.method}; valid: {', '.join(sorted(self.grids)) or '(none)'}")
+            raise ValueError(
+                f"unknown grid {name!r} for {self.method}; valid: {', '.join(sorted(self.grids)) or '(none)'}"
+            )
         return expand_grid(self.grids[name])
 
 
@@ -59,5 +62,7 @@ def _from_module(method: str, module: ModuleType) -> SearchSpace:
     )
     for name, spec in space.ranges.items():
         if not isinstance(spec, tuple) or not spec or spec[0] not in RANGE_KINDS:
-            raise ValueError(f"search_spaces/{method}.py: range {name!r} must be a tuple starting with one of {RANGE_KINDS}")
+            raise ValueError(
+                f"search_spaces/{method}.py: range {name!r} must be a tuple starting with one of {RANGE_KINDS}"
+            )
     return space

@@ -5,27 +5,44 @@ DEFAULT_TASK = "synthetic-urban"
 # The small CPU network on the synthetic task: batch 8 with live batch norm and the learning rate measured for
 # source_only, so that the two compare at equal footing; its 16x32 feature map passes two stride-2 D convolutions
 # (then stride 1), not five.
-SYNTHETIC = {"architecture": "tiny", "freeze_batchnorm": False, "learning_rate": 1e-2, "batch_size": 8,
-             "discriminator_downsampling": 2}
+SYNTHETIC = {
+    "architecture": "tiny",
+    "freeze_batchnorm": False,
+    "learning_rate": 1e-2,
+    "batch_size": 8,
+    "discriminator_downsampling": 2,
+}
 TASK_DEFAULTS = {"synthetic-urban": SYNTHETIC}
 
 # Optimiser steps per trial. Paper tasks: "convergence when the iterative epoch number is 5" (Sec. 4.2, Fig. 3a) at
 # batch size 1, an epoch read as one pass over the source set: GTA5 24,966 frames, SYNTHIA 9,400, Cityscapes train
 # 2,975 (the source of the NTHU tasks). synthetic-urban: 200 steps (an iteration of Alg. 2 costs about 1.5 s on
 # one CPU core, so that the default sweep of two trials fits in 10 minutes on 2 cores).
-MAX_STEPS = {"synthetic-urban": 200, "gta5-cityscapes": 5 * 24_966, "synthia-cityscapes": 5 * 9_400,
-             **{f"cityscapes-nthu-{city}": 5 * 2_975 for city in ("rome", "rio", "tokyo", "taipei")}}
+MAX_STEPS = {
+    "synthetic-urban": 200,
+    "gta5-cityscapes": 5 * 24_966,
+    "synthia-cityscapes": 5 * 9_400,
+    **{f"cityscapes-nthu-{city}": 5 * 2_975 for city in ("rome", "rio", "tokyo", "taipei")},
+}
 
 # The paper's second setting, FCN-8s on VGG-16 (Sec. 3.5): Adam 1e-4 with betas (0.9, 0.99) for E and C, D at 1.5e-6.
-VGG16 = {"architecture": "fcn8s_vgg16", "segmenter_optimizer": "adam", "learning_rate": 1e-4,
-         "discriminator_learning_rate": 1.5e-6}
+VGG16 = {
+    "architecture": "fcn8s_vgg16",
+    "segmenter_optimizer": "adam",
+    "learning_rate": 1e-4,
+    "discriminator_learning_rate": 1.5e-6,
+}
 
 GRIDS = {
     # Table 1 (and Table 2, Fig. 4): the full model and its three ablations, ResNet-101 rows.
     "table1": [{}, {"critical_transfer": False}, {"confidence_guided": False}, {"symmetric_divergence": False}],
     # Table 1, VGG-16 rows.
-    "table1_vgg16": [VGG16, {**VGG16, "critical_transfer": False}, {**VGG16, "confidence_guided": False},
-                     {**VGG16, "symmetric_divergence": False}],
+    "table1_vgg16": [
+        VGG16,
+        {**VGG16, "critical_transfer": False},
+        {**VGG16, "confidence_guided": False},
+        {**VGG16, "symmetric_divergence": False},
+    ],
     # Fig. 3(c): {ξ1, γ} with ξ2 = 0.001, ξ3 = 10. The figure's ticks are not in the text: log-spaced values
     # bracketing the defaults ξ1 = 0.3 and γ = 0.25 (a factor of about 3 each way).
     "fig3c": {"xi1": [0.1, 0.3, 1.0], "gamma": [0.1, 0.25, 0.5], "xi2": [0.001], "xi3": [10.0]},
@@ -34,8 +51,14 @@ GRIDS = {
     "fig3d": {"xi2": [1e-4, 1e-3, 1e-2], "xi3": [1.0, 10.0, 100.0], "xi1": [0.3], "gamma": [0.25]},
     # Not from the paper: the readings of what it leaves open (methods/cscl.py docstring, choices 1-4 and 7), each switched
     # away from the default on its own.
-    "open_choices": [{}, {"modulation": "multiply"}, {"centroid_distribution": "softmax"}, {"centroids": "batch"},
-                     {"pseudo_label_training": "eq7"}, {"source_warmup": 0.25}],
+    "open_choices": [
+        {},
+        {"modulation": "multiply"},
+        {"centroid_distribution": "softmax"},
+        {"centroids": "batch"},
+        {"pseudo_label_training": "eq7"},
+        {"source_warmup": 0.25},
+    ],
 }
 
 # TPE / random search: the ranges of Fig. 3 (c, d) and a little beyond.

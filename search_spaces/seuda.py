@@ -5,8 +5,14 @@ DEFAULT_TASK = "synthetic-cxr"
 # The CPU setting of the synthetic task: the small segmenter at batch 8 with the learning rate measured for
 # source_only, and CycleGAN parts at a quarter width with 6 residual blocks ([16] uses 6 below 256x256; the
 # synthetic X-rays are 64x64).
-SYNTHETIC = {"architecture": "tiny", "learning_rate": 1e-2, "batch_size": 8, "generator_filters": 16,
-             "generator_blocks": 6, "discriminator_filters": 16}
+SYNTHETIC = {
+    "architecture": "tiny",
+    "learning_rate": 1e-2,
+    "batch_size": 8,
+    "generator_filters": 16,
+    "generator_blocks": 6,
+    "discriminator_filters": 16,
+}
 TASK_DEFAULTS = {"synthetic-cxr": SYNTHETIC}
 
 # Optimiser steps per trial (both stages; stage 1 takes `segmenter_share` = half). montgomery-jsrt: the GAN stage as

@@ -13,8 +13,10 @@ REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import platform  # noqa: E402
 
 if not hasattr(platform, "__path__"):
-    raise pytest.UsageError("the standard-library `platform` module was imported before ours: run the tests from the "
-                            "repository root with `python -m pytest` (or put the root first on PYTHONPATH)")
+    raise pytest.UsageError(
+        "the standard-library `platform` module was imported before ours: run the tests from the "
+        "repository root with `python -m pytest` (or put the root first on PYTHONPATH)"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +30,9 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> str:
 def subprocess_env(data_root: str) -> dict[str, str]:
     """Environment for CLI subprocesses: repository root first on PYTHONPATH, the session's data root."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPOSITORY_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPOSITORY_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     env["UDA_DATA_ROOT"] = data_root
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -19,7 +19,7 @@ No download ever happens: `load_pretrained(module, path)` reads a file the user 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,9 @@ from torch import Tensor, nn
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -52,8 +53,15 @@ class ResNet(nn.Module):
     """torchvision-compatible ResNet. `forward` returns layer4's features (B, 2048, H/s, W/s) or, with a classifier
     (num_classes > 0), ImageNet logits."""
 
-    def __init__(self, layers: Sequence[int], num_classes: int = 0, output_stride: int = 32, in_channels: int = 3,
-                 stem_width: int = 64, multi_grid: Sequence[int] = (1, 1, 1)):
+    def __init__(
+        self,
+        layers: Sequence[int],
+        num_classes: int = 0,
+        output_stride: int = 32,
+        in_channels: int = 3,
+        stem_width: int = 64,
+        multi_grid: Sequence[int] = (1, 1, 1),
+    ):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32 (got {output_stride})")
@@ -80,16 +88,19 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def _layer(self, planes: int, blocks: int, stride: int = 1, dilate: bool = False,
-               multi_grid: Sequence[int] = (1, 1, 1)) -> nn.Sequential:
+    def _layer(
+        self, planes: int, blocks: int, stride: int = 1, dilate: bool = False, multi_grid: Sequence[int] = (1, 1, 1)
+    ) -> nn.Sequential:
         previous_dilation = self.dilation
         if dilate:
             self.dilation *= stride
             stride = 1
         downsample = None
         if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, 1, stride=stride,
-                                                 bias=False), nn.BatchNorm2d(planes * Bottleneck.expansion))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * Bottleneck.expansion),
+            )
         grid = list(multi_grid) + [multi_grid[-1]] * max(0, blocks - len(multi_grid))
         units = [Bottleneck(self.inplanes, planes, stride, previous_dilation * grid[0], downsample)]
         self.inplanes = planes * Bottleneck.expansion
@@ -139,8 +150,12 @@ class VGG16(nn.Module):
         if num_classes > 0:
             self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
             self.classifier = nn.Sequential(
-                nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
-                nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
+                nn.Linear(512 * 7 * 7, 4096),
+                nn.ReLU(True),
+                nn.Dropout(),
+                nn.Linear(4096, 4096),
+                nn.ReLU(True),
+                nn.Dropout(),
                 nn.Linear(4096, num_classes),
             )
 
@@ -174,8 +189,9 @@ class WeightsMismatchError(ValueError):
     pass
 
 
-def load_pretrained(module: nn.Module, path: str, ignore_prefixes: Sequence[str] = (),
-                    reshape: dict[str, str] | None = None) -> None:
+def load_pretrained(
+    module: nn.Module, path: str, ignore_prefixes: Sequence[str] = (), reshape: dict[str, str] | None = None
+) -> None:
     """Load a torchvision-format state dict file into `module`, strictly.
 
     `ignore_prefixes`: keys of the file the module deliberately lacks (an ImageNet classifier: "fc.").

@@ -12,7 +12,7 @@ discriminator family it cites.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -21,8 +21,16 @@ class ConvDiscriminator(nn.Module):
     """(B, C, H, W) → (B, 1, H/32, W/32) for sizes divisible by 32: five stride-2 convolutions with padding 1, which
     halve even sizes for both 4x4 and 3x3 kernels."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int] = (64, 128, 256, 512, 1), kernel_size: int = 4,
-                 stride: int = 2, negative_slope: float = 0.2, sigmoid: bool = False, downsampling: int | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int] = (64, 128, 256, 512, 1),
+        kernel_size: int = 4,
+        stride: int = 2,
+        negative_slope: float = 0.2,
+        sigmoid: bool = False,
+        downsampling: int | None = None,
+    ):
         """`downsampling`: how many of the first convolutions use `stride` (the rest stride 1); default all."""
         super().__init__()
         layers: list[nn.Module] = []

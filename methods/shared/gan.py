@@ -23,8 +23,13 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), nn.InstanceNorm2d(channels), nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), nn.InstanceNorm2d(channels),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3),
+            nn.InstanceNorm2d(channels),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3),
+            nn.InstanceNorm2d(channels),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -36,17 +41,27 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, blocks: int = 9):
         super().__init__()
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7), nn.InstanceNorm2d(ngf),
-                                   nn.ReLU(True)]
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_channels, ngf, 7),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(True),
+        ]
         channels = ngf
         for _ in range(2):
-            layers += [nn.Conv2d(channels, channels * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(channels * 2),
-                       nn.ReLU(True)]
+            layers += [
+                nn.Conv2d(channels, channels * 2, 3, stride=2, padding=1),
+                nn.InstanceNorm2d(channels * 2),
+                nn.ReLU(True),
+            ]
             channels *= 2
         layers += [ResidualBlock(channels) for _ in range(blocks)]
         for _ in range(2):
-            layers += [nn.ConvTranspose2d(channels, channels // 2, 3, stride=2, padding=1, output_padding=1),
-                       nn.InstanceNorm2d(channels // 2), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(channels, channels // 2, 3, stride=2, padding=1, output_padding=1),
+                nn.InstanceNorm2d(channels // 2),
+                nn.ReLU(True),
+            ]
             channels //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(channels, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
@@ -58,8 +73,10 @@ class ResnetGenerator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
         if height % 4 or width % 4:
-            raise ValueError(f"ResnetGenerator needs image sizes divisible by 4 (got {height}x{width}); resize or crop "
-                             "the images (e.g. to a multiple of 4) before translating them")
+            raise ValueError(
+                f"ResnetGenerator needs image sizes divisible by 4 (got {height}x{width}); resize or crop "
+                "the images (e.g. to a multiple of 4) before translating them"
+            )
         return self.model(x)
 
 
@@ -71,10 +88,13 @@ class PatchDiscriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         multiplier = 1
         for n in range(1, n_layers + 1):
-            previous, multiplier = multiplier, min(2 ** n, 8)
+            previous, multiplier = multiplier, min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * previous, ndf * multiplier, 4, stride=stride, padding=1),
-                       nn.InstanceNorm2d(ndf * multiplier), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(ndf * previous, ndf * multiplier, 4, stride=stride, padding=1),
+                nn.InstanceNorm2d(ndf * multiplier),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers.append(nn.Conv2d(ndf * multiplier, 1, 4, stride=1, padding=1))
         self.model = nn.Sequential(*layers)
         for module in self.modules():

@@ -28,17 +28,21 @@ class SegmenterRecipe:
     batch_size: int = 1  # CSCL Sec. 3.5, CIRN Impl. details
 
     def __post_init__(self) -> None:
-        require(self.architecture in ARCHITECTURES,
-                f"architecture must be one of {', '.join(sorted(ARCHITECTURES))} (got {self.architecture!r})")
+        require(
+            self.architecture in ARCHITECTURES,
+            f"architecture must be one of {', '.join(sorted(ARCHITECTURES))} (got {self.architecture!r})",
+        )
         require(self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate})")
         require(0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         require(self.poly_power >= 0, f"poly_power must be >= 0 (got {self.poly_power})")
         require(self.head_lr_multiplier > 0, f"head_lr_multiplier must be > 0 (got {self.head_lr_multiplier})")
         require(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
-        require(not self.architecture.startswith("deeplabv3") or self.batch_size >= 2,
-                f"{self.architecture} needs batch_size >= 2 per worker: the batch norm of its image-pooling branch "
-                f"cannot train on one image (got {self.batch_size})")
+        require(
+            not self.architecture.startswith("deeplabv3") or self.batch_size >= 2,
+            f"{self.architecture} needs batch_size >= 2 per worker: the batch norm of its image-pooling branch "
+            f"cannot train on one image (got {self.batch_size})",
+        )
 
 
 def recipe_segmenter(hp: SegmenterRecipe, info: TaskInfo) -> Segmenter:

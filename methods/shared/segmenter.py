@@ -24,7 +24,8 @@ a classifier fuses (FCN-8s: pool4 and pool3) and that nobody else needs.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +43,9 @@ class Features(NamedTuple):
 class Segmenter(nn.Module):
     """E → C. Shapes: images (B, C_in, H, W) → Features.main (B, F, H/s, W/s) → logits (B, K, H/s', W/s')."""
 
-    def __init__(self, encoder: nn.Module, classifier: nn.Module, feature_channels: int, output_stride: int,
-                 input_channels: int):
+    def __init__(
+        self, encoder: nn.Module, classifier: nn.Module, feature_channels: int, output_stride: int, input_channels: int
+    ):
         super().__init__()
         self.encoder = encoder
         self.classifier = classifier
@@ -93,7 +95,8 @@ class DeepLabV2ASPP(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, dilations=(6, 12, 18, 24), first_two_branches: bool = False):
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=True) for d in dilations)
+            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=True) for d in dilations
+        )
         self.first_two_branches = first_two_branches
         for branch in self.branches:
             nn.init.normal_(branch.weight, 0, 0.01)  # DeepLab-v2's initialisation of the classifier
@@ -105,9 +108,11 @@ class DeepLabV2ASPP(nn.Module):
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=dilation * (kernel // 2),
-                                   dilation=dilation, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
 
 
 class DeepLabV3Head(nn.Module):
@@ -117,10 +122,16 @@ class DeepLabV3Head(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, rates=(12, 24, 36), channels: int = 256):
         super().__init__()
-        self.branches = nn.ModuleList([_conv_bn_relu(in_channels, channels, 1)] +
-                                      [_conv_bn_relu(in_channels, channels, 3, rate) for rate in rates])
-        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1, bias=False),
-                                        nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(in_channels, channels, 1)]
+            + [_conv_bn_relu(in_channels, channels, 3, rate) for rate in rates]
+        )
+        self.image_pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
         self.project = _conv_bn_relu(channels * (len(rates) + 2), channels, 1)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
@@ -145,8 +156,8 @@ class FCN8sEncoder(nn.Module):
 
     def forward(self, images: Tensor) -> Features:
         pool3 = self.features[: VGG16.POOL3 + 1](images)
-        pool4 = self.features[VGG16.POOL3 + 1: VGG16.POOL4 + 1](pool3)
-        pool5 = self.features[VGG16.POOL4 + 1:](pool4)
+        pool4 = self.features[VGG16.POOL3 + 1 : VGG16.POOL4 + 1](pool3)
+        pool5 = self.features[VGG16.POOL4 + 1 :](pool4)
         fc7 = self.drop(F.relu(self.fc7(self.drop(F.relu(self.fc6(pool5))))))
         return Features(fc7, (pool4, pool3))
 
@@ -195,7 +206,9 @@ class ImageClassifier(nn.Module):
 def _tiny_conv(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
-        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
 
 
 class TinyEncoder(nn.Module):
@@ -210,9 +223,12 @@ class TinyEncoder(nn.Module):
     def __init__(self, in_channels: int):
         super().__init__()
         self.layers = nn.Sequential(
-            _tiny_conv(in_channels, 32, stride=2), _tiny_conv(32, 32),
-            _tiny_conv(32, 64, stride=2), _tiny_conv(64, 64),
-            _tiny_conv(64, 96, dilation=2), _tiny_conv(96, self.out_channels, dilation=4),
+            _tiny_conv(in_channels, 32, stride=2),
+            _tiny_conv(32, 32),
+            _tiny_conv(32, 64, stride=2),
+            _tiny_conv(64, 64),
+            _tiny_conv(64, 96, dilation=2),
+            _tiny_conv(96, self.out_channels, dilation=4),
         )
 
     def forward(self, images: Tensor) -> Tensor:
@@ -233,8 +249,13 @@ def tiny(info: TaskInfo, backbone_weights: str = "", freeze_bn: bool = False) ->
     encoder = TinyEncoder(info.in_channels)
     if freeze_bn:
         freeze_batchnorm(encoder)
-    return Segmenter(encoder, PixelClassifier(TinyEncoder.out_channels, info.num_classes),
-                     TinyEncoder.out_channels, TinyEncoder.output_stride, info.in_channels)
+    return Segmenter(
+        encoder,
+        PixelClassifier(TinyEncoder.out_channels, info.num_classes),
+        TinyEncoder.out_channels,
+        TinyEncoder.output_stride,
+        info.in_channels,
+    )
 
 
 def _deeplabv2(first_two_branches: bool) -> Callable[..., Segmenter]:
@@ -245,6 +266,7 @@ def _deeplabv2(first_two_branches: bool) -> Callable[..., Segmenter]:
             freeze_batchnorm(encoder)
         head = DeepLabV2ASPP(encoder.out_channels, info.num_classes, first_two_branches=first_two_branches)
         return Segmenter(encoder, head, encoder.out_channels, 8, 3)
+
     return build
 
 
@@ -255,17 +277,25 @@ def _deeplabv3(depth: int) -> Callable[..., Segmenter]:
         _resnet_weights(encoder, backbone_weights)
         if freeze_bn:
             freeze_batchnorm(encoder)
-        return Segmenter(encoder, DeepLabV3Head(encoder.out_channels, info.num_classes),
-                         encoder.out_channels, 8, 3)
+        return Segmenter(encoder, DeepLabV3Head(encoder.out_channels, info.num_classes), encoder.out_channels, 8, 3)
+
     return build
 
 
 def fcn8s_vgg16(info: TaskInfo, backbone_weights: str = "", freeze_bn: bool = False) -> Segmenter:
     encoder = FCN8sEncoder()
     if backbone_weights:
-        load_pretrained(encoder, backbone_weights, ignore_prefixes=("classifier.6.",),
-                        reshape={"classifier.0.weight": "fc6.weight", "classifier.0.bias": "fc6.bias",
-                                 "classifier.3.weight": "fc7.weight", "classifier.3.bias": "fc7.bias"})
+        load_pretrained(
+            encoder,
+            backbone_weights,
+            ignore_prefixes=("classifier.6.",),
+            reshape={
+                "classifier.0.weight": "fc6.weight",
+                "classifier.0.bias": "fc6.bias",
+                "classifier.3.weight": "fc7.weight",
+                "classifier.3.bias": "fc7.bias",
+            },
+        )
     return Segmenter(encoder, FCN8sHead(info.num_classes), 4096, 8, 3)
 
 
@@ -276,8 +306,9 @@ def seuda_resnet101(info: TaskInfo, backbone_weights: str = "", freeze_bn: bool 
     if backbone_weights:
         raise ValueError("seuda_resnet101 is half-width: torchvision ImageNet weights do not fit it")
     encoder = ResNet((3, 4, 23, 3), output_stride=8, in_channels=info.in_channels, stem_width=32)
-    return Segmenter(encoder, DeepLabV2ASPP(encoder.out_channels, info.num_classes), encoder.out_channels, 8,
-                     info.in_channels)
+    return Segmenter(
+        encoder, DeepLabV2ASPP(encoder.out_channels, info.num_classes), encoder.out_channels, 8, info.in_channels
+    )
 
 
 ARCHITECTURES: dict[str, Callable[..., Segmenter]] = {

@@ -13,7 +13,7 @@ from torch import nn
 from methods.contract import TaskInfo
 from methods.shared import backbones, discriminators, gan, optim
 from methods.shared.backbones import VGG16, WeightsMismatchError, count_parameters, load_pretrained, resnet50, resnet101
-from methods.shared.segmenter import (ARCHITECTURES, DeepLabV2ASPP, Features, ImageClassifier, build_segmenter)
+from methods.shared.segmenter import ARCHITECTURES, DeepLabV2ASPP, Features, ImageClassifier, build_segmenter
 
 FIXTURE = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "torchvision_state_dicts.json")))
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
@@ -24,9 +24,14 @@ def _shapes(module: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("name, build", [("resnet50", lambda: resnet50(num_classes=1000)),
-                                         ("resnet101", lambda: resnet101(num_classes=1000)),
-                                         ("vgg16", lambda: VGG16(num_classes=1000))])
+@pytest.mark.parametrize(
+    "name, build",
+    [
+        ("resnet50", lambda: resnet50(num_classes=1000)),
+        ("resnet101", lambda: resnet101(num_classes=1000)),
+        ("vgg16", lambda: VGG16(num_classes=1000)),
+    ],
+)
 def test_backbones_match_torchvision_names_shapes_and_counts(name, build):
     model = build()
     published = {"resnet50": 25_557_032, "resnet101": 44_549_160, "vgg16": 138_357_544}[name]
@@ -34,10 +39,13 @@ def test_backbones_match_torchvision_names_shapes_and_counts(name, build):
     assert _shapes(model) == FIXTURE["models"][name]["state_dict"]  # recorded from torchvision 0.29.1
 
 
-@pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision cannot be installed beside the CPU torch wheel here; "
-                                                "the key/shape fixture test covers CI")
+@pytest.mark.skipif(
+    not HAS_TORCHVISION,
+    reason="torchvision cannot be installed beside the CPU torch wheel here; the key/shape fixture test covers CI",
+)
 def test_state_dicts_load_both_ways_with_torchvision(tmp_path):
     import torchvision
+
     for name, ours in (("resnet50", resnet50(num_classes=1000)), ("vgg16", VGG16(num_classes=1000))):
         theirs = getattr(torchvision.models, name)(weights=None)
         torch.save(theirs.state_dict(), tmp_path / "theirs.pth")
@@ -67,7 +75,9 @@ def test_a_wrong_weights_file_names_the_keys(tmp_path):
     state = resnet50(num_classes=1000).state_dict()
     state["conv1.weight"] = torch.zeros(64, 1, 7, 7)
     torch.save(state, tmp_path / "grey.pth")
-    with pytest.raises(WeightsMismatchError, match=r"shape mismatches: conv1\.weight \(64, 1, 7, 7\) vs \(64, 3, 7, 7\)"):
+    with pytest.raises(
+        WeightsMismatchError, match=r"shape mismatches: conv1\.weight \(64, 1, 7, 7\) vs \(64, 3, 7, 7\)"
+    ):
         load_pretrained(resnet50(num_classes=1000), str(tmp_path / "grey.pth"))
     with pytest.raises(FileNotFoundError, match="backbone weights file not found"):
         load_pretrained(resnet50(), str(tmp_path / "nope.pth"))
@@ -122,8 +132,11 @@ def test_every_architecture_shapes_and_gradients_reach_every_parameter():
         ((logits * torch.randn_like(logits)).sum() + features.main.mean()).backward()
         dead = [n for n, p in segmenter.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
         # the widely copied early-return ASPP leaves its last two branches untrained: that is the bug it reproduces
-        expected = [f"classifier.branches.{i}.{p}" for i in (2, 3) for p in ("weight", "bias")] \
-            if name.endswith("aspp_first_two") else []
+        expected = (
+            [f"classifier.branches.{i}.{p}" for i in (2, 3) for p in ("weight", "bias")]
+            if name.endswith("aspp_first_two")
+            else []
+        )
         assert dead == expected, (name, dead[:5])
 
 
@@ -131,9 +144,10 @@ def test_grey_images_feed_imagenet_backbones_and_seuda_widths():
     segmenter = build_segmenter("deeplabv2_resnet101", TaskInfo(3, 1, ("a", "b", "c")))
     assert segmenter(torch.rand(1, 1, 32, 32)).shape == (1, 3, 4, 4)
     seuda = build_segmenter("seuda_resnet101", TaskInfo(3, 1, ("a", "b", "c")))
-    widths = [seuda.encoder.conv1.out_channels] + [layer[0].conv1.out_channels for layer in
-                                                    (seuda.encoder.layer1, seuda.encoder.layer2, seuda.encoder.layer3,
-                                                     seuda.encoder.layer4)]
+    widths = [seuda.encoder.conv1.out_channels] + [
+        layer[0].conv1.out_channels
+        for layer in (seuda.encoder.layer1, seuda.encoder.layer2, seuda.encoder.layer3, seuda.encoder.layer4)
+    ]
     assert widths == [32, 32, 64, 128, 256]
     assert [seuda.encoder.layer3[1].conv2.dilation[0], seuda.encoder.layer4[1].conv2.dilation[0]] == [2, 4]
 
@@ -190,9 +204,11 @@ def test_image_pool_fills_then_swaps_half_the_time():
 
 def test_discriminators():
     x = torch.rand(2, 7, 64, 96)
-    for build, channels, kernel in ((discriminators.output_space_discriminator, [64, 128, 256, 512, 1], 4),
-                                    (discriminators.slrt_discriminator, [16, 32, 64, 64, 1], 3),
-                                    (discriminators.tdtf_feature_discriminator, [16, 32, 64, 64, 1], 4)):
+    for build, channels, kernel in (
+        (discriminators.output_space_discriminator, [64, 128, 256, 512, 1], 4),
+        (discriminators.slrt_discriminator, [16, 32, 64, 64, 1], 3),
+        (discriminators.tdtf_feature_discriminator, [16, 32, 64, 64, 1], 4),
+    ):
         model = build(7)
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         assert [c.out_channels for c in convs] == channels
@@ -217,6 +233,7 @@ def test_schedules():
             optimizer.step()
             schedule.step()
         return values
+
     assert rates(lambda o: optim.exponential_decay(o, 0.7, 3), 7) == pytest.approx([1, 1, 1, 0.7, 0.7, 0.7, 0.49])
     assert rates(lambda o: optim.linear_decay(o, 2, 4), 7) == pytest.approx([1, 1, 1, 0.75, 0.5, 0.25, 0])
 

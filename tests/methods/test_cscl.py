@@ -115,7 +115,9 @@ def test_centroids_by_hand():
     sums, counts = cscl.class_centroid_sums(features, weights)
     assert (sums[1] / counts[1]).tolist() == pytest.approx([3.0, 0.0])  # class 1: pixel 2 only
     assert cscl.as_distribution(torch.tensor([[1.0, 3.0]]), "l1").tolist() == [[0.25, 0.75]]
-    assert cscl.as_distribution(torch.tensor([[0.0, math.log(3)]]), "softmax")[0].tolist() == pytest.approx([0.25, 0.75])
+    assert cscl.as_distribution(torch.tensor([[0.0, math.log(3)]]), "softmax")[0].tolist() == pytest.approx(
+        [0.25, 0.75]
+    )
 
 
 # ------------------------------------------------------------------ Eq. 3-6
@@ -142,19 +144,37 @@ INFO = TaskInfo(num_classes=3, in_channels=3, class_names=("a", "b", "c"))
 
 def _context(**changes):
     torch.manual_seed(0)
-    hp = cscl.Hyperparams(architecture="tiny", freeze_batchnorm=False, learning_rate=0.01, batch_size=2,
-                          discriminator_downsampling=2, **changes)
+    hp = cscl.Hyperparams(
+        architecture="tiny",
+        freeze_batchnorm=False,
+        learning_rate=0.01,
+        batch_size=2,
+        discriminator_downsampling=2,
+        **changes,
+    )
     modules = cscl.build(hp, INFO)
     modules.train()
     optims = cscl.optimizers(hp, modules, 10)
-    ctx = StepContext(hp=hp, info=INFO, modules=modules, optimizers={n: o.optimizer for n, o in optims.items()},
-                      state={"thresholds": torch.tensor([0.6, 0.5, 0.7])}, stage="adapt", stage_step=0,
-                      stage_steps=10, target_epoch=0, generator=torch.Generator().manual_seed(0),
-                      device=torch.device("cpu"))
+    ctx = StepContext(
+        hp=hp,
+        info=INFO,
+        modules=modules,
+        optimizers={n: o.optimizer for n, o in optims.items()},
+        state={"thresholds": torch.tensor([0.6, 0.5, 0.7])},
+        stage="adapt",
+        stage_step=0,
+        stage_steps=10,
+        target_epoch=0,
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )
     generator = torch.Generator().manual_seed(1)
-    step = cscl.Step(x_s=torch.randn(2, 3, 64, 64, generator=generator),
-                     y_s=torch.randint(0, 3, (2, 64, 64), generator=generator),
-                     x_t=torch.randn(2, 3, 64, 64, generator=generator), delta=ctx.state["thresholds"])
+    step = cscl.Step(
+        x_s=torch.randn(2, 3, 64, 64, generator=generator),
+        y_s=torch.randint(0, 3, (2, 64, 64), generator=generator),
+        x_t=torch.randn(2, 3, 64, 64, generator=generator),
+        delta=ctx.state["thresholds"],
+    )
     return ctx, step
 
 
@@ -162,8 +182,10 @@ def _moved(ctx, run) -> set[str]:
     before = {n: p.detach().clone() for n, p in ctx.modules.named_parameters()}
     run()
     after = dict(ctx.modules.named_parameters())
-    parts = {n: "C" if n.startswith("segmenter.classifier") else ("E" if n.startswith("segmenter") else n.split(".")[0])
-             for n in before}
+    parts = {
+        n: "C" if n.startswith("segmenter.classifier") else ("E" if n.startswith("segmenter") else n.split(".")[0])
+        for n in before
+    }
     return {parts[n] for n in before if not torch.equal(before[n], after[n])}
 
 
@@ -180,9 +202,12 @@ def test_each_line_of_algorithm_2_updates_exactly_its_parameters():
 
 def test_a_full_step_and_the_ablation_switches():
     ctx, step = _context(pseudo_label_training="eq7")
-    metrics = cscl.train_step(ctx, Batch(source_image=torch.rand(2, 3, 64, 64), source_label=step.y_s,
-                                         target_image=torch.rand(2, 3, 64, 64)))
-    assert {"loss_seg_source", "loss_adv", "loss_div", "loss_d", "loss_cri", "loss_reg", "loss_seg_target"} <= set(metrics)
+    metrics = cscl.train_step(
+        ctx, Batch(source_image=torch.rand(2, 3, 64, 64), source_label=step.y_s, target_image=torch.rand(2, 3, 64, 64))
+    )
+    assert {"loss_seg_source", "loss_adv", "loss_div", "loss_d", "loss_cri", "loss_reg", "loss_seg_target"} <= set(
+        metrics
+    )
     assert all(torch.isfinite(v) for v in metrics.values())
     assert "centroids_source" in ctx.state  # the EMA of choice 3
 
@@ -197,8 +222,9 @@ def test_a_full_step_and_the_ablation_switches():
     cscl.line5_pseudo_labels(no_sd, step_sd)
     assert "loss_div" not in cscl.line6_update_encoder_and_discriminator(no_sd, step_sd)
     alg2, _ = _context()  # the default: Alg. 2 literally
-    metrics = cscl.train_step(alg2, Batch(source_image=torch.rand(2, 3, 64, 64), source_label=step.y_s,
-                                          target_image=torch.rand(2, 3, 64, 64)))
+    metrics = cscl.train_step(
+        alg2, Batch(source_image=torch.rand(2, 3, 64, 64), source_label=step.y_s, target_image=torch.rand(2, 3, 64, 64))
+    )
     assert "loss_seg_target" not in metrics
 
 

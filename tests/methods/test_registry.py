@@ -50,17 +50,32 @@ def test_contract(name, data_root):
     space = search_spaces.load(name)
     task = tasks.get(space.default_task)
     assert task.synthetic, "the default task must run on a laptop"
-    spec = TrialSpec(method=name, task=task.name, hyperparams=dict(space.task_defaults.get(task.name, {})), seed=0,
-                     max_steps=4 * len(method.stages(methods.make_hyperparams(method, {}))), eval_every=1000,
-                     data_root=data_root)
+    spec = TrialSpec(
+        method=name,
+        task=task.name,
+        hyperparams=dict(space.task_defaults.get(task.name, {})),
+        seed=0,
+        max_steps=4 * len(method.stages(methods.make_hyperparams(method, {}))),
+        eval_every=1000,
+        data_root=data_root,
+    )
     runner = TrialRunner(spec, LocalSession())
     for stage in runner.stages:
         runner._set_modes(stage)
         optims = stage.optimizers(runner.hp, runner.modules, 10)
-        ctx = StepContext(hp=runner.hp, info=runner.info, modules=runner.modules,
-                          optimizers={n: o.optimizer for n, o in optims.items()}, state=runner.state,
-                          stage=stage.name, stage_step=0, stage_steps=10, target_epoch=0,
-                          generator=runner.generator, device=runner.device)
+        ctx = StepContext(
+            hp=runner.hp,
+            info=runner.info,
+            modules=runner.modules,
+            optimizers={n: o.optimizer for n, o in optims.items()},
+            state=runner.state,
+            stage=stage.name,
+            stage_step=0,
+            stage_steps=10,
+            target_epoch=0,
+            generator=runner.generator,
+            device=runner.device,
+        )
         if stage.target_pass is not None:
             runner._maybe_target_pass(stage, ctx)
         before = {k: v.detach().clone() for k, v in runner.modules.state_dict().items()}

@@ -32,8 +32,9 @@ def test_cycle_loss_and_the_weights_of_eq_4():
     total = seuda.generator_objective(hp, torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.1), torch.tensor(4.0))
     assert total.item() == pytest.approx(1.0 + 0.5 * 2.0 + 10 * 0.1 + 0.5 * 4.0)
     cyuda = seuda.Hyperparams(lambda_sem=0.0)
-    assert seuda.generator_objective(cyuda, torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.1), None).item() == \
-        pytest.approx(3.0)
+    assert seuda.generator_objective(
+        cyuda, torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.1), None
+    ).item() == pytest.approx(3.0)
 
 
 def test_one_hot_masks_leave_ignored_pixels_empty():
@@ -43,20 +44,24 @@ def test_one_hot_masks_leave_ignored_pixels_empty():
 
 
 def test_postprocessing_keeps_the_largest_component_per_lung_and_fills_holes():
-    drawn = np.array([
-        [1, 1, 1, 0, 0, 0, 2],
-        [1, 0, 1, 0, 2, 2, 0],
-        [1, 1, 1, 0, 2, 2, 0],
-        [0, 0, 0, 0, 0, 0, 0],
-        [1, 0, 0, 0, 0, 0, 0],
-    ])
-    expected = np.array([
-        [1, 1, 1, 0, 0, 0, 2],  # the corner 2 touches the block diagonally: one 8-connected component
-        [1, 1, 1, 0, 2, 2, 0],  # the hole is filled
-        [1, 1, 1, 0, 2, 2, 0],
-        [0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0],  # the stray left-lung pixel is dropped
-    ])
+    drawn = np.array(
+        [
+            [1, 1, 1, 0, 0, 0, 2],
+            [1, 0, 1, 0, 2, 2, 0],
+            [1, 1, 1, 0, 2, 2, 0],
+            [0, 0, 0, 0, 0, 0, 0],
+            [1, 0, 0, 0, 0, 0, 0],
+        ]
+    )
+    expected = np.array(
+        [
+            [1, 1, 1, 0, 0, 0, 2],  # the corner 2 touches the block diagonally: one 8-connected component
+            [1, 1, 1, 0, 2, 2, 0],  # the hole is filled
+            [1, 1, 1, 0, 2, 2, 0],
+            [0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0],  # the stray left-lung pixel is dropped
+        ]
+    )
     assert np.array_equal(seuda.postprocess(drawn, 3), expected)
     assert not seuda.postprocess(np.zeros((3, 3), np.int64), 3).any()
 
@@ -73,23 +78,42 @@ def test_histogram_matching_maps_target_intensities_onto_the_source_histogram():
 
 def _runner(data_root, **overrides):
     defaults = search_spaces.load("seuda").task_defaults["synthetic-cxr"]
-    spec = TrialSpec(method="seuda", task="synthetic-cxr", hyperparams={**defaults, **overrides}, seed=0,
-                     max_steps=4, eval_every=1000, data_root=data_root)
+    spec = TrialSpec(
+        method="seuda",
+        task="synthetic-cxr",
+        hyperparams={**defaults, **overrides},
+        seed=0,
+        max_steps=4,
+        eval_every=1000,
+        data_root=data_root,
+    )
     return TrialRunner(spec, LocalSession())
 
 
 def _context(runner, stage):
     runner._set_modes(stage)
     optims = stage.optimizers(runner.hp, runner.modules, 10)
-    return StepContext(hp=runner.hp, info=runner.info, modules=runner.modules,
-                       optimizers={n: o.optimizer for n, o in optims.items()}, state=runner.state, stage=stage.name,
-                       stage_step=0, stage_steps=10, target_epoch=0, generator=runner.generator, device=runner.device)
+    return StepContext(
+        hp=runner.hp,
+        info=runner.info,
+        modules=runner.modules,
+        optimizers={n: o.optimizer for n, o in optims.items()},
+        state=runner.state,
+        stage=stage.name,
+        stage_step=0,
+        stage_steps=10,
+        target_epoch=0,
+        generator=runner.generator,
+        device=runner.device,
+    )
 
 
 def _batch(generator):
-    return Batch(source_image=torch.rand(2, 1, 64, 64, generator=generator),
-                 source_label=torch.randint(0, 3, (2, 64, 64), generator=generator),
-                 target_image=torch.rand(2, 1, 64, 64, generator=generator))
+    return Batch(
+        source_image=torch.rand(2, 1, 64, 64, generator=generator),
+        source_label=torch.randint(0, 3, (2, 64, 64), generator=generator),
+        target_image=torch.rand(2, 1, 64, 64, generator=generator),
+    )
 
 
 def test_l_sem_reaches_the_generator_through_the_frozen_segmenter(data_root):
@@ -107,8 +131,11 @@ def test_l_sem_reaches_the_generator_through_the_frozen_segmenter(data_root):
     fake_s = runner.modules["generator_t2s"](seuda.to_gan(batch.target_image))
     masks = torch.softmax(seuda.segment(runner.modules, seuda.from_gan(fake_s)), dim=1)
     seuda.generator_gan_loss(runner.modules["discriminator_m"](masks)).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in runner.modules["generator_t2s"].parameters()
-               if p.dim() > 1)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in runner.modules["generator_t2s"].parameters()
+        if p.dim() > 1
+    )
     assert all(p.grad is None for p in runner.modules["generator_s2t"].parameters())
     assert all(p.grad is None for p in segmenter.parameters())
     for p in runner.modules.parameters():
@@ -127,8 +154,10 @@ def test_cyuda_has_no_mask_discriminator_and_baselines_have_one_stage(data_root)
     assert "loss_sem" not in metrics and "loss_d_m" not in metrics
     for adaptation in ("none", "histogram"):
         runner = _runner(data_root, adaptation=adaptation)
-        assert [s.name for s in runner.stages] == ["segmenter"] and set(runner.modules) == {"segmenter",
-                                                                                              "source_histogram"}
+        assert [s.name for s in runner.stages] == ["segmenter"] and set(runner.modules) == {
+            "segmenter",
+            "source_histogram",
+        }
 
 
 def test_a_stage_1_checkpoint_is_reused_and_skips_stage_1(data_root, tmp_path):
@@ -147,8 +176,9 @@ def test_a_stage_1_checkpoint_is_reused_and_skips_stage_1(data_root, tmp_path):
     config.check_weights_files(method, task, {"architecture": "tiny", "segmenter_weights": path})
     torch.save({"discriminator.weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(UsageError, match="holds no 'segmenter' weights"):
-        config.check_weights_files(method, task, {"architecture": "tiny",
-                                                  "segmenter_weights": str(tmp_path / "other.pt")})
+        config.check_weights_files(
+            method, task, {"architecture": "tiny", "segmenter_weights": str(tmp_path / "other.pt")}
+        )
     with pytest.raises(ValueError, match="only trains the segmenter"):
         seuda.Hyperparams(adaptation="none", segmenter_weights=path)
 

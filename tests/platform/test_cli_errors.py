@@ -9,19 +9,23 @@ import pytest
 import ray
 
 import methods
-
 from platform import cli
-from tests.conftest import REPOSITORY_ROOT, python
+from tests.conftest import python
 
 CASES = [
     (["nope"], f"unknown method 'nope'; valid: {', '.join(sorted(methods.REGISTRY))}\n"),
     (["source_only", "--task", "mars"], "unknown task 'mars' for source_only; valid: synthetic-urban"),
     (["source_only", "--grid", "fig9"], "unknown grid 'fig9' for source_only; valid: lr"),
-    (["source_only", "--set", "lr=0.1"], "unknown hyperparameter 'lr' for source_only; valid: architecture, backbone_weights"),
+    (
+        ["source_only", "--set", "lr=0.1"],
+        "unknown hyperparameter 'lr' for source_only; valid: architecture, backbone_weights",
+    ),
     (["source_only", "--set", "learning_rate=-1"], "learning_rate must be > 0 (got -1.0)"),
     (["source_only", "--set", "batch_size=0"], "batch_size must be >= 1 (got 0)"),
-    (["source_only", "--set", "architecture=deeplabv3_resnet50", "--set", "batch_size=1"],
-     "deeplabv3_resnet50 needs batch_size >= 2 per worker"),
+    (
+        ["source_only", "--set", "architecture=deeplabv3_resnet50", "--set", "batch_size=1"],
+        "deeplabv3_resnet50 needs batch_size >= 2 per worker",
+    ),
     (["source_only", "--set", "learning_rate"], "malformed --set 'learning_rate': expected key=value"),
     (["source_only", "--seeds", "0,x"], "malformed --seeds '0,x'"),
     (["source_only", "--max-steps", "0"], "--max-steps must be >= 1"),
@@ -29,8 +33,10 @@ CASES = [
     (["source_only", "--retry-failed"], "--retry-failed applies to --resume only"),
     (["source_only", "--resume", "--name", "nosuch"], "--resume: no sweep named 'nosuch' under"),
     (["source_only", "--workers", "2", "--sync-batchnorm"], "--sync-batchnorm needs GPU workers"),
-    (["source_only", "--trial-runner", "inline", "--workers", "2"],
-     "--trial-runner inline trains in one process: use --workers 1, or --trial-runner train (or auto) for 2 workers"),
+    (
+        ["source_only", "--trial-runner", "inline", "--workers", "2"],
+        "--trial-runner inline trains in one process: use --workers 1, or --trial-runner train (or auto) for 2 workers",
+    ),
     (["source_only", "--trial-runner", "local"], "argument --trial-runner: invalid choice: 'local'"),
     (["source_only", "--search", "grid"], "argument --search: invalid choice: 'grid'"),
     (["source_only", "--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -41,8 +47,9 @@ CASES = [
 @pytest.mark.parametrize("argv, message", CASES)
 def test_bad_input_is_one_line_exit_2_and_starts_nothing(argv, message, tmp_path, capsys, data_root):
     store, storage = tmp_path / "mlflow.db", tmp_path / "results"
-    code = cli.main(argv + ["--tracking-uri", f"sqlite:///{store}", "--storage-path", str(storage),
-                            "--data-root", data_root])
+    code = cli.main(
+        argv + ["--tracking-uri", f"sqlite:///{store}", "--storage-path", str(storage), "--data-root", data_root]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
@@ -51,8 +58,19 @@ def test_bad_input_is_one_line_exit_2_and_starts_nothing(argv, message, tmp_path
 
 def test_missing_dataset_names_the_command_that_prepares_it(tmp_path, capsys):
     empty = tmp_path / "data"
-    code = cli.main(["source_only", "--task", "gta5-cityscapes", "--data-root", str(empty),
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "r")])
+    code = cli.main(
+        [
+            "source_only",
+            "--task",
+            "gta5-cityscapes",
+            "--data-root",
+            str(empty),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--storage-path",
+            str(tmp_path / "r"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "dataset 'gta5' for task gta5-cityscapes is not prepared" in err
@@ -61,8 +79,14 @@ def test_missing_dataset_names_the_command_that_prepares_it(tmp_path, capsys):
 
 
 def test_the_real_command_exits_2(subprocess_env, tmp_path):
-    out = subprocess.run([python(), "-m", "platform.sweep", "no_such_method"], cwd=tmp_path, env=subprocess_env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [python(), "-m", "platform.sweep", "no_such_method"],
+        cwd=tmp_path,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2
     valid = ", ".join(sorted(methods.REGISTRY))
     assert out.stderr.strip().splitlines() == [f"error: unknown method 'no_such_method'; valid: {valid}"]
@@ -70,8 +94,14 @@ def test_the_real_command_exits_2(subprocess_env, tmp_path):
 
 
 def test_train_command_rejects_sweep_options(subprocess_env, tmp_path):
-    out = subprocess.run([python(), "-m", "platform.train", "source_only", "--grid", "lr"], cwd=tmp_path,
-                         env=subprocess_env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [python(), "-m", "platform.train", "source_only", "--grid", "lr"],
+        cwd=tmp_path,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "unrecognized arguments: --grid lr" in out.stderr
 
 
@@ -83,17 +113,30 @@ def test_help_shows_examples(capsys):
 
 
 def test_weights_files_are_checked_before_anything_starts(tmp_path, capsys, data_root):
-    common = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "r"),
-              "--data-root", data_root, "--set", "architecture=deeplabv2_resnet101"]
+    common = [
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--storage-path",
+        str(tmp_path / "r"),
+        "--data-root",
+        data_root,
+        "--set",
+        "architecture=deeplabv2_resnet101",
+    ]
     code = cli.main(["source_only", "--set", f"backbone_weights={tmp_path / 'nope.pth'}", *common])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"backbone_weights: no such file '{tmp_path / 'nope.pth'}'" in err
     import torch
+
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "vgg_like.pth")
     code = cli.main(["source_only", "--set", f"backbone_weights={tmp_path / 'vgg_like.pth'}", *common])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "cannot be loaded" in err and "missing keys: conv1.weight" in err and "unexpected keys: features.0.weight" in err
+    assert (
+        "cannot be loaded" in err
+        and "missing keys: conv1.weight" in err
+        and "unexpected keys: features.0.weight" in err
+    )
     assert not (tmp_path / "mlflow.db").exists() and not ray.is_initialized()
 
 
@@ -105,8 +148,10 @@ def _saved_sweep(tmp_path, argv):
 
 def test_resume_continues_with_the_settings_the_sweep_started_with(tmp_path):
     resume = _saved_sweep(tmp_path, ["source_only", "--max-steps", "20", "--set", "weight_decay=0.1", "--workers", "2"])
-    args = cli.resume_args(cli.build_parser(False).parse_args(["source_only", "--task", "synthetic-urban", *resume,
-                                                                "--retry-failed"]), single=False)
+    args = cli.resume_args(
+        cli.build_parser(False).parse_args(["source_only", "--task", "synthetic-urban", *resume, "--retry-failed"]),
+        single=False,
+    )
     assert args.max_steps == 20 and args.overrides == ["weight_decay=0.1"] and args.workers == 2
     assert args.resume and args.retry_failed and args.name == "s1"
 
@@ -117,6 +162,6 @@ def test_resume_with_a_different_setting_is_one_line_exit_2(tmp_path, capsys):
     code = cli.main(["source_only", *resume, "--max-steps", "30", "--tracking-uri", f"sqlite:///{store}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and not store.exists() and not ray.is_initialized()
-    assert "--resume continues sweep 's1' with the settings it started with; drop --max-steps 30 (the sweep has 20)" \
-        in err
-
+    assert (
+        "--resume continues sweep 's1' with the settings it started with; drop --max-steps 30 (the sweep has 20)" in err
+    )

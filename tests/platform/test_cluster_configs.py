@@ -27,8 +27,10 @@ def test_launcher_yaml_validates_against_rays_schema_and_installs_the_project():
     assert config["available_node_types"][config["head_node_type"]]["resources"]["GPU"] == 0
     setup = " ".join(config["setup_commands"])
     assert "pip install" in setup and "PYTHONPATH=$HOME/uda" in setup
-    assert all("PYTHONPATH=$HOME/uda" in c for c in config["head_start_ray_commands"][1:] +
-               config["worker_start_ray_commands"][1:])
+    assert all(
+        "PYTHONPATH=$HOME/uda" in c
+        for c in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]
+    )
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][-1]
 
 
@@ -66,8 +68,9 @@ def test_the_guides_sweep_commands_parse_with_the_cli():
         text = re.sub(r"\\\n\s*", " ", handle.read())  # join shell continuation lines
     spans = [re.sub(r"\s+", " ", span) for span in re.findall(r"`([^`]+)`", text)]  # inline code, unfolded
     blocks = [line for line in text.splitlines() if line.startswith("    ")]  # indented code blocks
-    commands = [part.split("python -m platform.sweep ", 1)[1] for part in spans + blocks
-                if "python -m platform.sweep " in part]
+    commands = [
+        part.split("python -m platform.sweep ", 1)[1] for part in spans + blocks if "python -m platform.sweep " in part
+    ]
     commands = [c for c in commands if not c.strip().startswith("...")]
     assert len(commands) >= 3
     for command in commands:

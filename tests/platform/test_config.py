@@ -15,13 +15,19 @@ def test_overrides_are_typed_by_the_hyperparams_fields():
     assert isinstance(parsed["batch_size"], int)
 
 
-@pytest.mark.parametrize("assignment, message", [
-    ("learning_rate", "malformed --set 'learning_rate': expected key=value"),
-    ("=3", "malformed --set '=3'"),
-    ("lr=0.1", "unknown hyperparameter 'lr' for source_only; valid: architecture, backbone_weights, freeze_batchnorm, learning_rate"),
-    ("batch_size=four", "invalid value for batch_size: 'four' is not a int"),
-    ("learning_rate=nan", "invalid value for learning_rate"),
-])
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("learning_rate", "malformed --set 'learning_rate': expected key=value"),
+        ("=3", "malformed --set '=3'"),
+        (
+            "lr=0.1",
+            "unknown hyperparameter 'lr' for source_only; valid: architecture, backbone_weights, freeze_batchnorm, learning_rate",
+        ),
+        ("batch_size=four", "invalid value for batch_size: 'four' is not a int"),
+        ("learning_rate=nan", "invalid value for learning_rate"),
+    ],
+)
 def test_bad_overrides_name_the_problem(assignment, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config.parse_overrides(source_only(), [assignment])

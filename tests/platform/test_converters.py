@@ -38,7 +38,9 @@ def _png16(path, array):
     header = struct.pack(">IIBBBBB", width, height, 16, {1: 0, 3: 2}[channels], 0, 0, 0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as file:
-        file.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        file.write(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+        )
 
 
 def _rgb(h, w):
@@ -84,8 +86,9 @@ def test_gta5_round_trip_and_size_mismatch_is_reported_not_misaligned(tmp_path, 
     assert "skipped train/00003: image 16x10 but label 16x9" in capsys.readouterr().err
     assert manifest.label_map == "cityscapes-trainIds" and manifest.num_classes == 19
     assert manifest.splits["train"].count == 2 and manifest.splits["train"].image_sizes == [[12, 20]]
-    histogram = np.bincount(np.concatenate([e[1][e[1] != 255] for s, e in expected.items() if s != "00003"]),
-                            minlength=19)
+    histogram = np.bincount(
+        np.concatenate([e[1][e[1] != 255] for s, e in expected.items() if s != "00003"]), minlength=19
+    )
     assert manifest.splits["train"].class_pixels == histogram.tolist()
 
 
@@ -97,8 +100,9 @@ def test_synthia_16bit_multichannel_labels_and_lanemarking_option(tmp_path, lane
     label = np.stack([classes, RNG.integers(0, 60000, (8, 10)), RNG.integers(0, 60000, (8, 10))], -1).astype(np.uint16)
     _png(tmp_path / "synthia" / "RGB" / "0000000.png", image)
     _png16(str(tmp_path / "synthia" / "GT" / "LABELS" / "0000000.png"), label)
-    manifest = _convert("synthia", tmp_path / "synthia", tmp_path / f"synthia-{lanemarking}",
-                        options={"lanemarking": lanemarking})
+    manifest = _convert(
+        "synthia", tmp_path / "synthia", tmp_path / f"synthia-{lanemarking}", options={"lanemarking": lanemarking}
+    )
     row = _rows(str(tmp_path / f"synthia-{lanemarking}"), "train")["0000000"]
     mapping = {**converters.SYNTHIA_TO_TRAIN_ID, 22: lane_train_id}
     expected = np.vectorize(lambda c: mapping.get(int(c), 255))(classes).astype(np.uint8)
@@ -138,7 +142,9 @@ def test_nthu_train_has_no_labels_and_test_keeps_train_ids(tmp_path):
     _convert("nthu", root, tmp_path / "nthu-rome")
     train = _rows(str(tmp_path / "nthu-rome"), "train")
     assert set(train) == {"a", "b"} and all(r["label"] is None for r in train.values())
-    assert np.array_equal(decode_array(train["b"]["image"]), np.asarray(Image.open(root / "Images" / "Train" / "b.jpg")))
+    assert np.array_equal(
+        decode_array(train["b"]["image"]), np.asarray(Image.open(root / "Images" / "Train" / "b.jpg"))
+    )
     assert np.array_equal(decode_array(_rows(str(tmp_path / "nthu-rome"), "test")["c"]["label"]), labels)
 
 
@@ -195,12 +201,15 @@ def test_jsrt_big_endian_raw_and_scr_gif_masks_in_folders_with_spaces(tmp_path):
         masks[lung] = mask
     manifest = _convert("jsrt", root, tmp_path / "jsrt", options={"size": 64})
     row = next(iter(next(iter(_rows(str(tmp_path / "jsrt"), s) for s in manifest.splits)).values()))
-    expected_image = np.asarray(Image.fromarray(converters.jsrt_preprocess(raw.astype(np.uint16))).resize(
-        (64, 64), Image.BILINEAR))
+    expected_image = np.asarray(
+        Image.fromarray(converters.jsrt_preprocess(raw.astype(np.uint16))).resize((64, 64), Image.BILINEAR)
+    )
     assert np.array_equal(decode_array(row["image"]), expected_image)
     label = np.zeros((1024, 1024), np.uint8)
     label[masks["left lung"] > 0], label[masks["right lung"] > 0] = 1, 2
-    assert np.array_equal(decode_array(row["label"]), np.asarray(Image.fromarray(label).resize((64, 64), Image.NEAREST)))
+    assert np.array_equal(
+        decode_array(row["label"]), np.asarray(Image.fromarray(label).resize((64, 64), Image.NEAREST))
+    )
     assert row["spacing_mm"] == pytest.approx([0.175 * 2048 / 64] * 2)
     inverted = converters.jsrt_preprocess(np.array([[0, 4095, 9999]], dtype=np.uint16))
     assert inverted[0, 0] > inverted[0, 1] == inverted[0, 2]  # inverted and clipped at 4095
@@ -232,7 +241,9 @@ def test_label_ids_outside_the_map_are_named(tmp_path):
     labels = np.full((4, 4), 7, np.uint8)
     labels[0, 0], labels[1, 1] = 40, 99
     _png(tmp_path / "g" / "labels" / "00001.png", labels)
-    with pytest.raises(ConversionError, match=r"label ids \[40, 99\] in .*00001.png are outside the Cityscapes labelId map"):
+    with pytest.raises(
+        ConversionError, match=r"label ids \[40, 99\] in .*00001.png are outside the Cityscapes labelId map"
+    ):
         _convert("gta5", tmp_path / "g", tmp_path / "o")
 
 
@@ -267,7 +278,7 @@ def test_a_truncated_shard_is_named_at_read_time(tmp_path):
     _convert("gta5", tmp_path / "g", tmp_path / "r" / "gta5")
     shard = tmp_path / "r" / "gta5" / "train" / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[: len(shard.read_bytes()) // 2])
-    with pytest.raises(OSError, match=f"part-00000.parquet"):
+    with pytest.raises(OSError, match="part-00000.parquet"):
         list(eval_batches([str(shard)], ["image", "label"], 2, 19))
 
 

@@ -38,8 +38,8 @@ def test_endoscopy_has_image_level_labels_and_lesion_free_images(data_root):
     files = split_files(data_root, "synthetic-endoscopy-target", "train")
     table = pq.read_table(files, columns=["image_labels", "label"])
     labels = table.column("image_labels").to_pylist()
-    assert all(l is not None for l in labels)
-    assert 0.2 < sum(l == [0] for l in labels) / len(labels) < 0.5
+    assert all(present is not None for present in labels)
+    assert 0.2 < sum(present == [0] for present in labels) / len(labels) < 0.5
     for image_labels, png in zip(labels[:50], table.column("label").to_pylist()[:50]):
         assert (1 in image_labels) == bool((decode_array(png) == 1).any())
 
@@ -68,7 +68,7 @@ def _ids(stream, batches):
 
 
 def _stream(files, **kwargs):
-    defaults = dict(columns=["image", "label"], batch_size=4, num_classes=7, seed=0)
+    defaults = {"columns": ["image", "label"], "batch_size": 4, "num_classes": 7, "seed": 0}
     return TrainStream(files, **{**defaults, **kwargs})
 
 
@@ -102,10 +102,17 @@ def test_resuming_at_a_sample_index_gives_the_same_batches(data_root):
 
 def test_target_training_stream_carries_no_pixel_labels(data_root):
     """The loop builds the target stream with these columns; labels cannot come through."""
-    from platform.loop import TrialRunner, TrialSpec, LocalSession
+    from platform.loop import LocalSession, TrialRunner, TrialSpec
 
-    spec = TrialSpec(method="source_only", task="synthetic-endoscopy", hyperparams={"architecture": "tiny"}, seed=0,
-                     max_steps=1, eval_every=1, data_root=data_root)
+    spec = TrialSpec(
+        method="source_only",
+        task="synthetic-endoscopy",
+        hyperparams={"architecture": "tiny"},
+        seed=0,
+        max_steps=1,
+        eval_every=1,
+        data_root=data_root,
+    )
     runner = TrialRunner(spec, LocalSession())
     stage = runner.stages[0]
     adapted = type(stage)(**{**stage.__dict__, "uses_target": True})
@@ -117,8 +124,11 @@ def test_target_training_stream_carries_no_pixel_labels(data_root):
 
 def test_eval_batches_cover_the_split_once_at_label_resolution(data_root):
     files = split_files(data_root, "synthetic-urban-target", "val")
-    total = sum(b["image"].shape[0] for r in range(2)
-                for b in eval_batches(files, ["image", "label"], 16, 7, rank=r, world_size=2))
+    total = sum(
+        b["image"].shape[0]
+        for r in range(2)
+        for b in eval_batches(files, ["image", "label"], 16, 7, rank=r, world_size=2)
+    )
     assert total == read_manifest(data_root, "synthetic-urban-target").splits["val"].count
     batch = next(eval_batches(files, ["image", "label"], 16, 7, size=(32, 64)))
     assert batch["image"].shape[-2:] == (32, 64) and batch["label"].shape[-2:] == (64, 128)
@@ -132,8 +142,7 @@ def _coordinate_sample(height=6, width=10):
 
 
 def test_crop_and_flip_move_image_and_label_together():
-    sample = augment_sample(_coordinate_sample(), Policy(crop=(4, 5), hflip=True),
-                            Augment(flip=True, crop=(0.5, 1.0)))
+    sample = augment_sample(_coordinate_sample(), Policy(crop=(4, 5), hflip=True), Augment(flip=True, crop=(0.5, 1.0)))
     assert sample["image"].shape == (3, 4, 5) and sample["label"].shape == (4, 5)
     rows, columns = sample["image"][0].long(), sample["image"][1].long()
     assert torch.equal(sample["label"], (rows * 10 + columns) % 250)
@@ -221,8 +230,15 @@ def test_stream_batches_are_uint8_and_finish_makes_model_inputs(data_root):
 def test_training_batches_reach_the_method_as_float_images_and_int64_labels(data_root):
     from platform.loop import LocalSession, TrialRunner, TrialSpec
 
-    spec = TrialSpec(method="source_only", task="synthetic-urban", hyperparams={"architecture": "tiny"}, seed=0,
-                     max_steps=1, eval_every=1, data_root=data_root)
+    spec = TrialSpec(
+        method="source_only",
+        task="synthetic-urban",
+        hyperparams={"architecture": "tiny"},
+        seed=0,
+        max_steps=1,
+        eval_every=1,
+        data_root=data_root,
+    )
     runner = TrialRunner(spec, LocalSession())
     source, target = runner._streams(type(runner.stages[0])(**{**runner.stages[0].__dict__, "uses_target": True}))
     batch = runner._next_batch(source, target)

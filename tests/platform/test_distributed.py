@@ -32,9 +32,14 @@ SYNTHETIC = {"architecture": "tiny", "freeze_batchnorm": True, "learning_rate": 
 
 def _data(info, steps: int, batch: int) -> list[Batch]:
     generator = torch.Generator().manual_seed(0)
-    return [Batch(source_image=torch.rand(batch, 3, 32, 48, generator=generator),
-                  source_label=torch.randint(0, info.num_classes, (batch, 32, 48), generator=generator),
-                  target_image=torch.rand(batch, 3, 32, 48, generator=generator)) for _ in range(steps)]
+    return [
+        Batch(
+            source_image=torch.rand(batch, 3, 32, 48, generator=generator),
+            source_label=torch.randint(0, info.num_classes, (batch, 32, 48), generator=generator),
+            target_image=torch.rand(batch, 3, 32, 48, generator=generator),
+        )
+        for _ in range(steps)
+    ]
 
 
 def _train(rank: int, world_size: int, method_name: str, init_file: str, out: str, sync: bool = True) -> None:
@@ -54,15 +59,29 @@ def _train(rank: int, world_size: int, method_name: str, init_file: str, out: st
     optims = dict(stage.optimizers(hp, modules, STEPS))
     if sync:
         distributed.synchronise_gradients(optims.values())
-    ctx = StepContext(hp=hp, info=info, modules=modules, optimizers={n: o.optimizer for n, o in optims.items()},
-                      state=method.init_state(hp, info), stage=stage.name, stage_step=0, stage_steps=STEPS,
-                      target_epoch=0, generator=torch.Generator().manual_seed(rank), device=torch.device("cpu"))
+    ctx = StepContext(
+        hp=hp,
+        info=info,
+        modules=modules,
+        optimizers={n: o.optimizer for n, o in optims.items()},
+        state=method.init_state(hp, info),
+        stage=stage.name,
+        stage_step=0,
+        stage_steps=STEPS,
+        target_epoch=0,
+        generator=torch.Generator().manual_seed(rank),
+        device=torch.device("cpu"),
+    )
     share = BATCH // world_size
     losses = []
     for step, batch in enumerate(_data(info, STEPS, BATCH)):
         ctx.stage_step = step
-        mine = Batch(*(t[rank * share:(rank + 1) * share] for t in
-                       (batch.source_image, batch.source_label, batch.target_image)))
+        mine = Batch(
+            *(
+                t[rank * share : (rank + 1) * share]
+                for t in (batch.source_image, batch.source_label, batch.target_image)
+            )
+        )
         values = stage.step(ctx, mine)
         for optim in optims.values():
             if optim.scheduler is not None:
@@ -71,8 +90,9 @@ def _train(rank: int, world_size: int, method_name: str, init_file: str, out: st
         local = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
         losses.append(dict(zip(names, (distributed.all_reduce_sum(local) / world_size).tolist())))
     if rank == 0:
-        torch.save({"losses": losses, "parameters": {k: v.detach().clone() for k, v in modules.state_dict().items()}},
-                   out)
+        torch.save(
+            {"losses": losses, "parameters": {k: v.detach().clone() for k, v in modules.state_dict().items()}}, out
+        )
     if world_size > 1:
         dist.barrier()  # no rank tears gloo down while another still talks to it (seen: SIGABRT at exit in CI)
         dist.destroy_process_group()
@@ -87,8 +107,12 @@ def _run(tmp_path, method_name: str, world_size: int, sync: bool = True) -> dict
     if world_size == 1:
         _train(0, 1, method_name, "", out)
     else:
-        mp.start_processes(_train, args=(world_size, method_name, str(tmp_path / f"init-{method_name}-{sync}"), out, sync),
-                           nprocs=world_size, start_method="spawn")
+        mp.start_processes(
+            _train,
+            args=(world_size, method_name, str(tmp_path / f"init-{method_name}-{sync}"), out, sync),
+            nprocs=world_size,
+            start_method="spawn",
+        )
     return torch.load(out, weights_only=True)
 
 
@@ -105,8 +129,13 @@ def test_two_workers_at_half_batch_train_like_one_worker_at_the_whole_batch(tmp_
     moved = [k for k in trained if not torch.equal(single["parameters"][k], _initial(method_name)[k])]
     assert moved, "the steps changed no parameter: the comparison would be vacuous"
     for key in trained:
-        torch.testing.assert_close(pair["parameters"][key], single["parameters"][key], rtol=PARAMETER_RTOL,
-                                   atol=PARAMETER_ATOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            pair["parameters"][key],
+            single["parameters"][key],
+            rtol=PARAMETER_RTOL,
+            atol=PARAMETER_ATOL,
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
 
 
 def _initial(method_name: str) -> dict[str, torch.Tensor]:
@@ -122,8 +151,11 @@ def test_workers_without_synchronisation_drift_apart(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     single, unsynchronised = _run(tmp_path, "source_only", 1), _run(tmp_path, "source_only", 2, sync=False)
     assert unsynchronised["losses"][0] == pytest.approx(single["losses"][0], rel=1e-4)  # same start
-    gaps = [(unsynchronised["parameters"][k] - v).abs().max().item()
-            for k, v in single["parameters"].items() if v.is_floating_point()]
+    gaps = [
+        (unsynchronised["parameters"][k] - v).abs().max().item()
+        for k, v in single["parameters"].items()
+        if v.is_floating_point()
+    ]
     assert max(gaps) > 10 * PARAMETER_ATOL
 
 

@@ -36,16 +36,22 @@ def _tree(root, rng, shape=(24, 40)):
 
 def test_folder_scores_equal_the_official_cityscapes_evaluator(tmp_path, monkeypatch):
     pairs = _tree(tmp_path, np.random.default_rng(0))
-    for name, value in (("evalInstLevelScore", False), ("JSONOutput", False), ("quiet", True),
-                        ("evalPixelAccuracy", False)):
+    for name, value in (
+        ("evalInstLevelScore", False),
+        ("JSONOutput", False),
+        ("quiet", True),
+        ("evalPixelAccuracy", False),
+    ):
         monkeypatch.setattr(official.args, name, value)
     reference = official.evaluateImgLists([p for p, _ in pairs], [t for _, t in pairs], official.args)
-    ours = evaluate.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gtFine"), "labelIds",
-                                     tasks.get("gta5-cityscapes"))
+    ours = evaluate.evaluate_folders(
+        str(tmp_path / "pred"), str(tmp_path / "gtFine"), "labelIds", tasks.get("gta5-cityscapes")
+    )
     for train_id in range(19):
         name = trainId2label[train_id].name
-        assert ours[f"eval/iou/{name.replace(' ', '_')}"] == pytest.approx(reference["classScores"][name] * 100,
-                                                                            abs=1e-9)
+        assert ours[f"eval/iou/{name.replace(' ', '_')}"] == pytest.approx(
+            reference["classScores"][name] * 100, abs=1e-9
+        )
     assert ours["eval/miou"] == pytest.approx(reference["averageScoreClasses"] * 100, abs=1e-9)
 
 
@@ -83,9 +89,15 @@ def test_a_missing_prediction_is_named(tmp_path, capsys):
 
 def test_the_checkpoint_command_reproduces_the_trial_evaluation(data_root, tmp_path, capsys):
     session = LocalSession()
-    spec = TrialSpec(method="source_only", task="synthetic-urban",
-                     hyperparams={"architecture": "tiny", "learning_rate": 0.01, "batch_size": 4}, seed=0,
-                     max_steps=3, eval_every=3, data_root=data_root)
+    spec = TrialSpec(
+        method="source_only",
+        task="synthetic-urban",
+        hyperparams={"architecture": "tiny", "learning_rate": 0.01, "batch_size": 4},
+        seed=0,
+        max_steps=3,
+        eval_every=3,
+        data_root=data_root,
+    )
     runner = TrialRunner(spec, session)
     runner.run()
     meta = runner._checkpoint_meta(runner.stages[0], session.reports[-1])

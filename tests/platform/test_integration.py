@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import methods
 from platform import checkpoints
-from tests.conftest import REPOSITORY_ROOT, python
+from tests.conftest import python
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +45,12 @@ def runs_of(tmp_path):
 def test_sweep_done_when_command(tmp_path, subprocess_env):
     """The issue's acceptance command: one parent run, two FINISHED children with val_target/miou and both
     checkpoints, loadable with torch.load(weights_only=True) into the method's modules."""
-    out = run_cli("platform.sweep", ["source_only", "--task", "synthetic-urban", "--num-samples", "2", "--max-steps",
-                                     "20", *store_args(tmp_path)], tmp_path, subprocess_env)
+    out = run_cli(
+        "platform.sweep",
+        ["source_only", "--task", "synthetic-urban", "--num-samples", "2", "--max-steps", "20", *store_args(tmp_path)],
+        tmp_path,
+        subprocess_env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 trial(s) of 20 steps" in out.stdout and "expected duration" in out.stdout
     assert "Best configuration: learning_rate=" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
@@ -84,8 +88,13 @@ def test_non_finite_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, 
         from platform.cli import main
         raise SystemExit(main(sys.argv[1:]))
     """)
-    out = run_cli("", ["source_only", "--grid", "divergence", "--max-steps", "12", *store_args(tmp_path)],
-                  tmp_path, subprocess_env, code=code)
+    out = run_cli(
+        "",
+        ["source_only", "--grid", "divergence", "--max-steps", "12", *store_args(tmp_path)],
+        tmp_path,
+        subprocess_env,
+        code=code,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _, parents, children = runs_of(tmp_path)
     by_lr = {float(c.data.params["learning_rate"]): c for c in children}
@@ -98,14 +107,31 @@ def test_non_finite_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, 
 # `python -m platform.sweep ARGS` with Ctrl-C handled as in a terminal even when the test runner was started in the
 # background of a script, where SIGINT is ignored and its children inherit that (Python then never raises
 # KeyboardInterrupt: the sweep would ignore the test's Ctrl-C, as a background job should).
-SWEEP_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                     "sys.argv[0] = 'platform.sweep'; runpy.run_module('platform.sweep', run_name='__main__')")
+SWEEP_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'platform.sweep'; runpy.run_module('platform.sweep', run_name='__main__')"
+)
 
 
 def test_ctrl_c_leaves_no_run_running(tmp_path, subprocess_env):
-    process = subprocess.Popen([python(), "-c", SWEEP_WITH_CTRL_C, "source_only", "--max-steps", "2000",
-                                "--eval-every", "5", *store_args(tmp_path)], cwd=tmp_path, env=subprocess_env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            python(),
+            "-c",
+            SWEEP_WITH_CTRL_C,
+            "source_only",
+            "--max-steps",
+            "2000",
+            "--eval-every",
+            "5",
+            *store_args(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=subprocess_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
@@ -143,8 +169,9 @@ def metric_steps(database, key: str) -> list[int]:
         return []
     try:
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
-            return [row[0] for row in connection.execute("SELECT step FROM metrics WHERE key = ? ORDER BY step",
-                                                         (key,))]
+            return [
+                row[0] for row in connection.execute("SELECT step FROM metrics WHERE key = ? ORDER BY step", (key,))
+            ]
     except sqlite3.Error:
         return []
 
@@ -156,9 +183,25 @@ def _metric_logged(database, key: str) -> bool:
 def test_train_command_runs_both_seuda_stages(tmp_path, subprocess_env):
     """`platform.train` on a two-stage method: segmenter, then GANs with it frozen; lung metrics and translated
     samples reach MLflow."""
-    out = run_cli("platform.train", ["seuda", "--task", "synthetic-cxr", "--max-steps", "6", "--eval-every", "3",
-                                     "--seed", "3", "--set", "lambda_sem=0.4", *store_args(tmp_path)],
-                  tmp_path, subprocess_env)
+    out = run_cli(
+        "platform.train",
+        [
+            "seuda",
+            "--task",
+            "synthetic-cxr",
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--seed",
+            "3",
+            "--set",
+            "lambda_sem=0.4",
+            *store_args(tmp_path),
+        ],
+        tmp_path,
+        subprocess_env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, parents, children = runs_of(tmp_path)
     assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
@@ -167,15 +210,21 @@ def test_train_command_runs_both_seuda_stages(tmp_path, subprocess_env):
     assert run.data.tags["task"] == "synthetic-cxr"
     stages = [m.value for m in client.get_metric_history(run.info.run_id, "stage_index")]
     assert stages == [0.0, 1.0]  # an evaluation at the end of each stage
-    assert {"val_target/dice/left_lung", "val_target/asd_undefined/right_lung", "train/loss_sem"} <= set(run.data.metrics)
+    assert {"val_target/dice/left_lung", "val_target/asd_undefined/right_lung", "train/loss_sem"} <= set(
+        run.data.metrics
+    )
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples/step-00000006")]
     assert sorted(samples) == ["samples/step-00000006/target.png", "samples/step-00000006/target_to_source.png"]
     assert not client.list_artifacts(run.info.run_id, "samples/step-00000003")  # stage 1 has nothing to translate
 
 
 def test_two_trial_cscl_sweep(tmp_path, subprocess_env):
-    out = run_cli("platform.sweep", ["cscl", "--num-samples", "2", "--max-steps", "4", "--eval-every", "2",
-                                     *store_args(tmp_path)], tmp_path, subprocess_env)
+    out = run_cli(
+        "platform.sweep",
+        ["cscl", "--num-samples", "2", "--max-steps", "4", "--eval-every", "2", *store_args(tmp_path)],
+        tmp_path,
+        subprocess_env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _, parents, children = runs_of(tmp_path)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
@@ -184,9 +233,25 @@ def test_two_trial_cscl_sweep(tmp_path, subprocess_env):
 
 
 def test_tpe_search_with_asha(tmp_path, subprocess_env):
-    out = run_cli("platform.sweep", ["source_only", "--search", "tpe", "--num-samples", "3", "--scheduler", "asha",
-                                     "--max-steps", "16", "--eval-every", "4", *store_args(tmp_path)],
-                  tmp_path, subprocess_env)
+    out = run_cli(
+        "platform.sweep",
+        [
+            "source_only",
+            "--search",
+            "tpe",
+            "--num-samples",
+            "3",
+            "--scheduler",
+            "asha",
+            "--max-steps",
+            "16",
+            "--eval-every",
+            "4",
+            *store_args(tmp_path),
+        ],
+        tmp_path,
+        subprocess_env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _, parents, children = runs_of(tmp_path)
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
@@ -218,15 +283,17 @@ def test_ray_workers_import_platform_and_both_trial_runners_are_deterministic(tm
         print("RESULT" + json.dumps({{"probe": ray.get(probe.remote()), "inline_exit": code,
                                       "metrics": [r.metrics for r in results]}}))
     """)
-    out = subprocess.run([python(), "-c", script], cwd=tmp_path, env=subprocess_env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [python(), "-c", script], cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     payload = json.loads(out.stdout.split("RESULT", 1)[1].splitlines()[0])
     assert payload["probe"][0] is True and payload["probe"][1] == "platform.metrics"
     first, second = payload["metrics"]
     assert first["step"] == 6
-    assert {k: v for k, v in first.items() if not k.startswith("time/")} == \
-           {k: v for k, v in second.items() if not k.startswith("time/")}
+    assert {k: v for k, v in first.items() if not k.startswith("time/")} == {
+        k: v for k, v in second.items() if not k.startswith("time/")
+    }
     # an inline trial runs the same loop in the Tune trial's process: the same evaluations, bit for bit
     assert payload["inline_exit"] == 0
     client, _, children = runs_of(tmp_path)

@@ -3,15 +3,20 @@ import dataclasses
 import pytest
 import torch
 
-from methods.contract import Stage
 from platform import checkpoints
 from platform.loop import LocalSession, NonFiniteLossError, TrialRunner, TrialSpec, split_budget
 
 
 def spec(data_root, **changes):
-    base = TrialSpec(method="source_only", task="synthetic-urban",
-                     hyperparams={"architecture": "tiny", "learning_rate": 0.01, "batch_size": 4}, seed=0,
-                     max_steps=6, eval_every=3, data_root=data_root)
+    base = TrialSpec(
+        method="source_only",
+        task="synthetic-urban",
+        hyperparams={"architecture": "tiny", "learning_rate": 0.01, "batch_size": 4},
+        seed=0,
+        max_steps=6,
+        eval_every=3,
+        data_root=data_root,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -44,12 +49,20 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(data_root, tm
     assert resumed.reports[-1]["step"] == 6
     assert resumed.reports[-1]["val_target/miou"] == pytest.approx(straight.reports[-1]["val_target/miou"], abs=1e-9)
     assert resumed.reports[-1]["train/loss_seg_source"] == pytest.approx(
-        straight.reports[-1]["train/loss_seg_source"], rel=1e-6)
+        straight.reports[-1]["train/loss_seg_source"], rel=1e-6
+    )
 
 
 def test_non_finite_loss_fails_the_trial_with_the_reason(data_root):
-    runner = TrialRunner(spec(data_root, hyperparams={"architecture": "tiny", "learning_rate": 1e6,
-                                                      "batch_size": 8}, max_steps=30, eval_every=30), LocalSession())
+    runner = TrialRunner(
+        spec(
+            data_root,
+            hyperparams={"architecture": "tiny", "learning_rate": 1e6, "batch_size": 8},
+            max_steps=30,
+            eval_every=30,
+        ),
+        LocalSession(),
+    )
     with pytest.raises(NonFiniteLossError, match=r"train/loss_seg_source became nan at step \d+ \(stage 'source'\)"):
         runner.run()
 
@@ -103,5 +116,7 @@ def test_weights_checkpoint_round_trip(data_root, tmp_path):
     runner.modules.eval()
     modules.eval()
     method = runner.method
-    assert torch.equal(method.predict(runner.hp, runner.modules, images, "source"),
-                       method.predict(runner.hp, modules, images, "source"))
+    assert torch.equal(
+        method.predict(runner.hp, runner.modules, images, "source"),
+        method.predict(runner.hp, modules, images, "source"),
+    )

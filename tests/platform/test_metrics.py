@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from platform.metrics import (LungMetrics, average_surface_distance, confusion_matrix, iou_per_class, lung_scores,
-                              mean_iou, metric_key, segmentation_metrics)
+from platform.metrics import (
+    LungMetrics,
+    average_surface_distance,
+    confusion_matrix,
+    iou_per_class,
+    lung_scores,
+    mean_iou,
+    metric_key,
+    segmentation_metrics,
+)
 
 
 def test_confusion_matrix_counts_by_hand_and_ignores_255():
@@ -52,8 +60,9 @@ def test_predictions_outside_the_classes_are_false_negatives_of_the_truth_only()
 
 def test_subset_means_are_rows_of_one_matrix():
     matrix = torch.tensor([[2, 0, 0], [1, 1, 0], [0, 0, 0]])  # class 2: undefined
-    metrics = segmentation_metrics(matrix, ("a", "b", "c"), "t", eval_classes=(0, 1, 2), subsets=(("ab", (0, 1)),
-                                                                                                ("b", (1,))))
+    metrics = segmentation_metrics(
+        matrix, ("a", "b", "c"), "t", eval_classes=(0, 1, 2), subsets=(("ab", (0, 1)), ("b", (1,)))
+    )
     # a: TP 2, FP 1 → 66.67; b: TP 1, FN 1 → 50
     assert metrics["t/ab"] == pytest.approx((200 / 3 + 50) / 2)
     assert metrics["t/b"] == 50.0
@@ -74,7 +83,7 @@ def test_average_surface_distance_of_shapes_with_a_known_distance():
     a, b = np.zeros((5, 9), bool), np.zeros((5, 9), bool)
     a[0, 0], b[3, 4] = True, True  # single pixels: ASD is the distance between them
     assert average_surface_distance(a, b, (1.0, 1.0)) == pytest.approx(5.0)
-    assert average_surface_distance(a, b, (2.0, 0.5)) == pytest.approx(math.sqrt(6 ** 2 + 2 ** 2))
+    assert average_surface_distance(a, b, (2.0, 0.5)) == pytest.approx(math.sqrt(6**2 + 2**2))
     a, b = np.zeros((2, 8), bool), np.zeros((2, 8), bool)
     a[:, 0:2], b[:, 5:7] = True, True  # two 2x2 blocks, every pixel on the surface: distances 5, 4, 4, 5 per row
     assert average_surface_distance(a, b, (1.0, 1.0)) == pytest.approx(4.5)

@@ -22,6 +22,8 @@ from platform.datasets import DatasetNotFoundError, read_manifest, split_files
 from platform.loop import LocalSession, TrialRunner, TrialSpec
 from platform.stream import TrainStream, eval_batches
 
+pytestmark = pytest.mark.integration
+
 BUCKET = "uda-test"
 DATASETS = ("synthetic-urban-source", "synthetic-urban-target")
 
@@ -36,12 +38,19 @@ def _free_port() -> int:
 def s3_root(data_root: str) -> str:
     port = _free_port()
     moto_server = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    server = subprocess.Popen([moto_server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    saved = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                  "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="test",
-                      AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+    server = subprocess.Popen(
+        [moto_server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    saved = {
+        key: os.environ.get(key)
+        for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -50,15 +59,19 @@ def s3_root(data_root: str) -> str:
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"moto_server did not start on port {port}")
+                    raise RuntimeError(f"moto_server did not start on port {port}") from None
                 time.sleep(0.2)
         tasks.prepare(tasks.get("synthetic-urban"), data_root)
         # the constructor does not read AWS_ENDPOINT_URL (from_uri, which the platform uses, does)
         filesystem = pafs.S3FileSystem(allow_bucket_creation=True, endpoint_override=f"127.0.0.1:{port}", scheme="http")
         filesystem.create_dir(BUCKET)
         for dataset in DATASETS:
-            pafs.copy_files(os.path.join(data_root, dataset), f"{BUCKET}/data/{dataset}",
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+            pafs.copy_files(
+                os.path.join(data_root, dataset),
+                f"{BUCKET}/data/{dataset}",
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=filesystem,
+            )
         yield f"s3://{BUCKET}/data"
     finally:
         server.terminate()
@@ -76,8 +89,9 @@ def test_manifest_and_shards_are_read_from_the_object_store(s3_root, data_root):
     remote = split_files(s3_root, "synthetic-urban-source", "train")
     assert remote and all(path.startswith(f"{s3_root}/synthetic-urban-source/") for path in remote)
     local = split_files(data_root, "synthetic-urban-source", "train")
-    streams = [iter(TrainStream(files, ["image", "label"], 4, 7, seed=3, hflip=True, threads=2))
-               for files in (remote, local)]
+    streams = [
+        iter(TrainStream(files, ["image", "label"], 4, 7, seed=3, hflip=True, threads=2)) for files in (remote, local)
+    ]
     for _ in range(3):
         a, b = (next(stream) for stream in streams)
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
@@ -88,8 +102,15 @@ def test_manifest_and_shards_are_read_from_the_object_store(s3_root, data_root):
 
 def test_a_trial_trains_and_evaluates_from_an_s3_data_root(s3_root, data_root):
     def run(root: str) -> dict[str, float]:
-        spec = TrialSpec(method="source_only", task="synthetic-urban", hyperparams={"architecture": "tiny"}, seed=0,
-                         max_steps=3, eval_every=3, data_root=root)
+        spec = TrialSpec(
+            method="source_only",
+            task="synthetic-urban",
+            hyperparams={"architecture": "tiny"},
+            seed=0,
+            max_steps=3,
+            eval_every=3,
+            data_root=root,
+        )
         return TrialRunner(spec, LocalSession()).run()
 
     remote, local = run(s3_root), run(data_root)

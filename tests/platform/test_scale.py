@@ -44,10 +44,28 @@ def ray_head(subprocess_env):
     env = dict(subprocess_env)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # `python` = this venv
     env["RAY_AUTH_MODE"] = "token"
-    started = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-                   "--ray-client-server-port", str(client), "--num-cpus", "3", "--temp-dir", temp_dir,
-                   "--disable-usage-stats", env=env)
+    started = _ray(
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--include-dashboard",
+        "true",
+        "--ray-client-server-port",
+        str(client),
+        "--num-cpus",
+        "3",
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+        env=env,
+    )
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     env["UDA_TEST_RAY_ADDRESS"] = f"127.0.0.1:{gcs}"  # for drivers that join this head with --address
     try:
@@ -59,11 +77,35 @@ def ray_head(subprocess_env):
 
 def test_ray_job_submit_with_working_dir_runs_a_sweep(ray_head, tmp_path, data_root):
     env, dashboard = ray_head
-    submitted = _ray("job", "submit", "--address", dashboard, "--working-dir", REPOSITORY_ROOT, "--",
-                     "python", "-m", "platform.sweep", "source_only", "--task", "synthetic-urban",
-                     "--num-samples", "1", "--max-steps", "4", "--eval-every", "2", "--data-root", data_root,
-                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage-path", str(tmp_path / "results"),
-                     env=env, timeout=600)
+    submitted = _ray(
+        "job",
+        "submit",
+        "--address",
+        dashboard,
+        "--working-dir",
+        REPOSITORY_ROOT,
+        "--",
+        "python",
+        "-m",
+        "platform.sweep",
+        "source_only",
+        "--task",
+        "synthetic-urban",
+        "--num-samples",
+        "1",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--data-root",
+        data_root,
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--storage-path",
+        str(tmp_path / "results"),
+        env=env,
+        timeout=600,
+    )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in (submitted.stdout + submitted.stderr).lower()
     _, parents, children = runs_of(tmp_path)
@@ -81,10 +123,25 @@ def mlflow_server(tmp_path, subprocess_env):
     (port,) = _free_ports(1)
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                              env=subprocess_env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            mlflow,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        env=subprocess_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -109,9 +166,24 @@ def test_tracking_to_an_mlflow_server(mlflow_server, tmp_path, subprocess_env):
 
     from tests.platform.test_integration import run_cli
 
-    out = run_cli("platform.train", ["source_only", "--task", "synthetic-urban", "--max-steps", "4", "--eval-every",
-                                     "2", "--tracking-uri", mlflow_server, "--storage-path", str(tmp_path / "results")],
-                  tmp_path, subprocess_env)
+    out = run_cli(
+        "platform.train",
+        [
+            "source_only",
+            "--task",
+            "synthetic-urban",
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--tracking-uri",
+            mlflow_server,
+            "--storage-path",
+            str(tmp_path / "results"),
+        ],
+        tmp_path,
+        subprocess_env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("source_only/synthetic-urban")
@@ -145,10 +217,30 @@ def test_a_killed_training_process_resumes_from_its_checkpoint(tmp_path, subproc
     from tests.conftest import python
     from tests.platform.test_integration import store_args
 
-    process = subprocess.Popen([python(), "-m", "platform.train", "source_only", "--task", "synthetic-urban",
-                                "--max-steps", "120", "--eval-every", "20", "--max-failures", "1",
-                                "--trial-runner", runner, *store_args(tmp_path)], cwd=tmp_path, env=subprocess_env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            python(),
+            "-m",
+            "platform.train",
+            "source_only",
+            "--task",
+            "synthetic-urban",
+            "--max-steps",
+            "120",
+            "--eval-every",
+            "20",
+            "--max-failures",
+            "1",
+            "--trial-runner",
+            runner,
+            *store_args(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=subprocess_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     killed = []
     try:
         deadline = time.monotonic() + 300
@@ -179,15 +271,18 @@ def _finished_children(database) -> int:
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
             return connection.execute(
                 "SELECT COUNT(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                "WHERE t.key = 'mlflow.parentRunId' AND r.status = 'FINISHED'").fetchone()[0]
+                "WHERE t.key = 'mlflow.parentRunId' AND r.status = 'FINISHED'"
+            ).fetchone()[0]
     except sqlite3.Error:
         return 0
 
 
 # Two CPUs per trial on the head's 3 CPUs, so that trials run one at a time: two Ray Train workers, or one inline
 # trial with two CPUs; an inline trial has no worker start-up, so it gets more steps to be killed in the middle of.
-ONE_TRIAL_AT_A_TIME = {"train": ["--workers", "2", "--max-steps", "12"],
-                       "inline": ["--cpus-per-worker", "2", "--max-steps", "40"]}
+ONE_TRIAL_AT_A_TIME = {
+    "train": ["--workers", "2", "--max-steps", "12"],
+    "inline": ["--cpus-per-worker", "2", "--max-steps", "40"],
+}
 
 
 @pytest.mark.parametrize("runner", ["train", "inline"])
@@ -199,19 +294,48 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_hea
 
     env, _ = ray_head
     database = tmp_path / "mlflow.db"
-    common = ["--data-root", data_root, "--tracking-uri", f"sqlite:///{database}", "--storage-path",
-              str(tmp_path / "results"), "--address", env["UDA_TEST_RAY_ADDRESS"]]
-    driver = subprocess.Popen([sys.executable, "-m", "platform.sweep", "source_only", "--task", "synthetic-urban",
-                               "--num-samples", "2", "--eval-every", "4", *ONE_TRIAL_AT_A_TIME[runner],
-                               "--trial-runner", runner,
-                               "--name", "killed", *common], cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    common = [
+        "--data-root",
+        data_root,
+        "--tracking-uri",
+        f"sqlite:///{database}",
+        "--storage-path",
+        str(tmp_path / "results"),
+        "--address",
+        env["UDA_TEST_RAY_ADDRESS"],
+    ]
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "platform.sweep",
+            "source_only",
+            "--task",
+            "synthetic-urban",
+            "--num-samples",
+            "2",
+            "--eval-every",
+            "4",
+            *ONE_TRIAL_AT_A_TIME[runner],
+            "--trial-runner",
+            runner,
+            "--name",
+            "killed",
+            *common,
+        ],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     budget = int(ONE_TRIAL_AT_A_TIME[runner][-1])
     try:
         deadline = time.monotonic() + 480
         # kill once trial 1 has finished and trial 2 has reported (and checkpointed) at least once
-        while not (_finished_children(database) == 1
-                   and len(metric_steps(database, "val_target/miou")) >= budget // 4 + 1):
+        while not (
+            _finished_children(database) == 1 and len(metric_steps(database, "val_target/miou")) >= budget // 4 + 1
+        ):
             assert driver.poll() is None, "the sweep ended before it could be killed mid-way"
             assert time.monotonic() < deadline, "trial 2 never reported while trial 1 was finished"
             time.sleep(0.5)
@@ -222,8 +346,14 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_hea
 
     _, _, children = runs_of(tmp_path)
     first = next(r for r in children if r.info.status == "FINISHED")
-    resumed = subprocess.run([sys.executable, "-m", "platform.sweep", "source_only", "--resume", "--name", "killed",
-                              *common], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "platform.sweep", "source_only", "--resume", "--name", "killed", *common],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     client, parents, children = runs_of(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -51,6 +51,6 @@ def test_grids_cite_their_source():
     for name in methods.REGISTRY:
         text = open(os.path.join(SPACE_DIR, f"{name}.py")).read()
         for grid in search_spaces.load(name).grids:
-            line = next(i for i, l in enumerate(text.splitlines()) if l.strip().startswith(f'"{grid}":'))
+            line = next(i for i, row in enumerate(text.splitlines()) if row.strip().startswith(f'"{grid}":'))
             above = text.splitlines()[line - 1].strip()
             assert above.startswith("#"), f"grid {grid!r} of {name} has no comment citing its source"
