@@ -140,6 +140,13 @@ class DeepLabV3Head(nn.Module):
         pooled = F.interpolate(self.image_pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.classifier(self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1)))
 
+    def embed(self, features: Features) -> Tensor:
+        """The projection's output (B, 256, h, w), the pixel features the final 1x1 `classifier` maps to K logits:
+        `classifier(embed(f))` equals `forward(f)` (SLRT's "pixel feature maps by subnet S2", Alg. 3 line 5)."""
+        x = features.main
+        pooled = F.interpolate(self.image_pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
 
 class FCN8sEncoder(nn.Module):
     """VGG-16 features with fc6/fc7 as convolutions (7x7 → 4096, 1x1 → 4096); Features(fc7, skips=(pool4, pool3)).
