@@ -150,3 +150,37 @@ class ImagePool:
 
     def state(self) -> list[Tensor]:
         return [image.cpu() for image in self.images]
+
+
+def split_resnet_generator(generator: ResnetGenerator) -> tuple[nn.Sequential, nn.Sequential]:
+    """A `ResnetGenerator`'s layers as (encoder, decoder): the encoder ends with the last residual block (its latent
+    map is (B, 4·ngf, H/4, W/4)), the decoder is the two upsamplings and the output convolution. Both share the
+    generator's modules (no copy): decoder(encoder(x)) equals generator(x) exactly. TD/TF attaches its variational
+    bottleneck between the two ("attached on the last convolutional block of TD")."""
+    layers = list(generator.model)
+    last_block = max(index for index, layer in enumerate(layers) if isinstance(layer, ResidualBlock))
+    return nn.Sequential(*layers[: last_block + 1]), nn.Sequential(*layers[last_block + 1 :])
+
+
+class VariationalBottleneck(nn.Module):
+    """A variational information bottleneck on a latent map (Alemi et al. 2017): two 1x1 convolutions give the mean μ
+    and the log-variance log σ² of a diagonal Gaussian per latent element, initialised like CycleGAN's layers
+    (N(0, 0.02), zero bias).
+
+    `forward(h, noise)`: h (B, C, h, w) → (z, μ, log σ²), each (B, C, h, w); z = μ + σ·noise with `noise` ~ N(0, I)
+    given by the caller (the reparameterisation trick; randomness stays explicit), or z = μ when noise is None (the
+    deterministic code used at test time)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mean = nn.Conv2d(channels, channels, 1)
+        self.log_variance = nn.Conv2d(channels, channels, 1)
+        for layer in (self.mean, self.log_variance):
+            nn.init.normal_(layer.weight, 0.0, 0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        mean, log_variance = self.mean(h), self.log_variance(h)
+        if noise is None:
+            return mean, mean, log_variance
+        return mean + torch.exp(0.5 * log_variance) * noise, mean, log_variance

@@ -351,3 +351,30 @@ def imagenet_normalise(images: Tensor) -> Tensor:
     if images.shape[1] == 1:
         mean, std = mean.mean().reshape(1), std.mean().reshape(1)
     return (images - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def encode_levels(segmenter: Segmenter, images: Tensor) -> tuple[Tensor, Features]:
+    """E's bottom-block map and its usual `Features`, in one pass: (low, features) with `features` equal to
+    `segmenter.encode(images)`. low is ResNet's layer1 output (B, 4·stem, H/4, W/4), or the tiny encoder's first two
+    layers (B, 32, H/2, W/2). TD/TF's feature augmentor reads "the features from the bottom and the last
+    convolutional blocks of S" (Sec. 3.5). Other encoders raise."""
+    if images.shape[1] == 1 and segmenter.input_channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    encoder = segmenter.encoder
+    if isinstance(encoder, ResNet):
+        low = encoder.layer1(encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(images)))))
+        return low, Features(encoder.layer4(encoder.layer3(encoder.layer2(low))))
+    if isinstance(encoder, TinyEncoder):
+        low = encoder.layers[:2](images)
+        return low, Features(encoder.layers[2:](low))
+    raise ValueError(f"no bottom-block features for a {type(encoder).__name__} encoder (ResNet and tiny have them)")
+
+
+def low_level_channels(segmenter: Segmenter) -> int:
+    """Channels of `encode_levels`'s low map."""
+    encoder = segmenter.encoder
+    if isinstance(encoder, ResNet):
+        return encoder.layer1[-1].conv3.out_channels
+    if isinstance(encoder, TinyEncoder):
+        return encoder.layers[1][0].out_channels
+    raise ValueError(f"no bottom-block features for a {type(encoder).__name__} encoder (ResNet and tiny have them)")
