@@ -27,12 +27,13 @@ def train_once(
     task: str,
     overrides: Mapping[str, Any],
     seed: int,
-    steps: int,
+    steps: int | None,
     data_root: str | None = None,
     defaults_from: str | None = None,
 ) -> dict[str, float]:
     """Train with the platform's loop in this process (no Ray: these benchmarks measure methods, not orchestration)
-    and return the final evaluation. Hyperparameters: the search space's task defaults, then `overrides`."""
+    and return the final evaluation. Hyperparameters: the search space's task defaults, then `overrides`; `steps`
+    scales the stages to that many steps in all (None: their own budgets)."""
     base = tasks.get(task.split("+")[0]).name
     defaults = search_spaces.load(defaults_from or method).task_defaults.get(base, {})
     spec = TrialSpec(
@@ -41,7 +42,7 @@ def train_once(
         hyperparams={**defaults, **overrides},
         seed=seed,
         max_steps=steps,
-        eval_every=steps,
+        eval_every=steps or 10**9,  # once at the end (and at the end of every stage)
         data_root=data_root or tasks.default_data_root(),
         threads=1,
     )

@@ -24,7 +24,7 @@ import time
 
 import search_spaces
 from common import mean_std, parallel, train_once
-from platform import tasks
+from platform import config, tasks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,16 +32,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("method")
     parser.add_argument("--task", default=None, help="default: the method's default task")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=None, help="default: the search space's budget for the task")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="scale every run to N steps (default: each row's own budget; source_only as the defaults)",
+    )
     parser.add_argument("--grid", default=None, help="also run every point of this grid (e.g. the ablation rows)")
     parser.add_argument("--no-source-only", action="store_true", help="no source_only row (the grid has a baseline)")
     args = parser.parse_args(argv)
     space = search_spaces.load(args.method)
     task = args.task or space.default_task
-    steps = args.steps or space.max_steps[task]
     seeds = [int(s) for s in args.seeds.split(",")]
     data_root = tasks.default_data_root()
     tasks.prepare(tasks.get(task), data_root)
+    # the method's rows run at their own budgets (the stages' epochs or steps) unless --steps scales them all;
+    # source_only runs as long as the method's defaults (equal budget)
+    default_steps = sum(config.trial_steps(config.resolve(args.method, task, max_steps=args.steps), {}, data_root, 1))
+    steps = args.steps
     rows = [] if args.no_source_only else [("source_only", "source_only", {})]
     if args.grid:
         rows += [
@@ -52,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((args.method, f"{args.method} (defaults)", {}))
     started = time.perf_counter()
     jobs = [
-        (train_once, (method, task, overrides, seed, steps, data_root))
+        (train_once, (method, task, overrides, seed, default_steps if method == "source_only" else steps, data_root))
         for method, _, overrides in rows
         for seed in seeds
     ]
@@ -64,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             ("Dice", lambda r: statistics.mean(r[f"val_target/dice/{lung}"] for lung in lungs)),
             ("ASD mm", lambda r: statistics.mean(r[f"val_target/asd_mm/{lung}"] for lung in lungs)),
         ]
-    print(f"{task}, {steps} steps, seeds {args.seeds}: final target-validation scores, mean ± std [per seed]")
+    budget = f"{steps} steps" if steps else f"each row's own budget (the defaults: {default_steps} steps)"
+    print(f"{task}, {budget}, seeds {args.seeds}: final target-validation scores, mean ± std [per seed]")
     for name, metric in metrics:
         print(f" {name}:")
         baseline = None

@@ -16,6 +16,7 @@ import _bootstrap
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,6 +84,11 @@ def measure(cli: bool) -> dict[str, dict[str, float]]:
     return results
 
 
+def _same(a: float | None, b: float) -> bool:
+    """Bit-identical floats; NaN (an undefined metric, e.g. the ASD of an empty prediction) equals NaN."""
+    return a == b or (a is not None and math.isnan(a) and math.isnan(b))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("record", "compare"))
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if only and run.split("/")[0] not in only or run not in measured:
             continue
         after = measured[run]
-        changed = [key for key, value in sorted(before.items()) if after.get(key) != value]
+        changed = [key for key, value in sorted(before.items()) if not _same(after.get(key), value)]
         for key in changed:
             print(f"  {run} {key}: {before[key]!r} -> {after.get(key)!r}")
         differences += len(changed)

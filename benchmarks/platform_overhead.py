@@ -36,7 +36,7 @@ import torch
 import methods
 import search_spaces
 from common import train_command
-from methods.contract import Batch, StepContext
+from methods.contract import Batch, StagePosition, StepContext
 from platform import tasks
 from platform.datasets import split_files
 from platform.metrics import confusion_matrix, mean_iou
@@ -98,7 +98,7 @@ def bare_loop(steps: int, eval_every: int, data_root: str) -> tuple[float, float
             matrix = torch.zeros(task.info.num_classes, task.info.num_classes, dtype=torch.int64)
             with torch.no_grad():
                 for start in range(0, len(target["image"]), 16):
-                    logits = method.predict(hp, modules, target["image"][start : start + 16], stage.name)
+                    logits = method.predict(hp, modules, target["image"][start : start + 16], StagePosition(stage.name))
                     matrix += confusion_matrix(
                         logits.argmax(1), target["label"][start : start + 16], task.info.num_classes
                     )

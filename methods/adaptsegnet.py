@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from methods.contract import Batch, Method, Optim, Stage, StepContext, TaskInfo, require
+from methods.contract import Batch, Method, Optim, Stage, StagePosition, StepContext, TaskInfo, require, steps
 from methods.shared.discriminators import output_space_discriminator
 from methods.shared.losses import domain_bce, segmentation_loss
 from methods.shared.optim import poly_schedule
@@ -38,9 +38,13 @@ class Hyperparams(SegmenterRecipe):
     discriminator_learning_rate: float = 1e-4  # Adam, conventions.md ("Adam 1e-4, betas (0.9, 0.99)")
     discriminator_beta1: float = 0.9
     discriminator_beta2: float = 0.99
+    # Iterations: the reference implementation trains 250,000 and stops early at 150,000 (Tsai et al. Sec. 4); we use
+    # the early-stopped count
+    num_steps: int = 150_000
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self.num_steps >= 1, f"num_steps must be >= 1 (got {self.num_steps})")
         require(self.lambda_adv >= 0, f"lambda_adv must be >= 0 (got {self.lambda_adv})")
         require(
             self.discriminator_learning_rate > 0,
@@ -116,7 +120,7 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
         Stage(
             name="adapt",
             trains=("segmenter", "discriminator"),
-            budget_share=1.0,
+            budget=steps(hp.num_steps),
             optimizers=optimizers,
             step=train_step,
         ),
@@ -124,7 +128,7 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
 
 
 @torch.no_grad()
-def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: str) -> Tensor:
+def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: StagePosition) -> Tensor:
     return upsample(modules["segmenter"](imagenet_normalise(images)), tuple(images.shape[-2:]))
 
 

@@ -12,6 +12,14 @@ Implements ../shared/papers/002_c46badf92f1b9b44.txt. No public implementation e
   soft pseudo labels (pixels whose pseudo label is the zero vector have no label and no reward).
 - Class thresholds δ_k (Alg. 1) from a pass over the whole target training set every epoch, with S_A = 35% + 5% per
   epoch, at most 50%.
+- Epochs (Sec. 3.3 "S_A ... increased by 5% in each epoch"; Sec. 4.2 "efficient convergence when the iterative epoch
+  number is 5"): neither says which set an epoch passes over. Read as one epoch = one pass over the SOURCE training
+  set, for the budget and for S_A alike: with batch size 1 an iteration draws one source and one target image, and
+  5 source epochs of GTA5 (124,830 iterations) are the length the field trains this recipe for (AdaptSegNet stops at
+  150,000), where 5 target epochs of Cityscapes (14,875) would be a tenth of it. The trial lasts `epochs` source
+  epochs (`epochs(hp.epochs, of="source")`), the threshold pass runs every source epoch (`TargetPass(every="source")`)
+  and S_A grows with `ctx.source_epoch`. (Before contract v2 the budget counted source epochs and S_A target epochs,
+  so on GTA5 → Cityscapes S_A reached 50% at 7% of training.)
 - Soft pseudo labels (Eq. 9, 10): ŷ_k ∝ (C_k/δ_k)^{1/γ}, kept where its selection cost S_C (Eq. 8) is lower than the
   zero label's. Closed form: S_C(ŷ) = −γ log Σ_k (C_k/δ_k)^{1/γ} and S_C(0) = 0, so ŷ is kept iff
   Σ_k (C_k/δ_k)^{1/γ} > 1 (`soft_pseudo_labels`; `selection_cost` computes Eq. 8 directly, the tests compare them).
@@ -74,7 +82,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from methods.contract import Batch, Method, Optim, Stage, StepContext, TargetPass, TaskInfo, require
+from methods.contract import (
+    Batch,
+    Method,
+    Optim,
+    Stage,
+    StagePosition,
+    StepContext,
+    TargetPass,
+    TaskInfo,
+    epochs,
+    require,
+)
 from methods.shared.discriminators import ConvDiscriminator
 from methods.shared.losses import domain_bce, segmentation_loss
 from methods.shared.optim import poly_schedule
@@ -93,6 +112,7 @@ class Hyperparams(SegmenterRecipe):
     selection_start: float = 0.35  # S_A at the first epoch, Alg. 1 (Sec. 3.3)
     selection_step: float = 0.05  # S_A grows by 5% per epoch (Sec. 3.3)
     selection_max: float = 0.5  # S_A stops at 50% (Sec. 3.3)
+    epochs: float = 5.0  # training length in source epochs: "convergence when the iterative epoch number is 5" (4.2)
     segmenter_optimizer: Literal["sgd", "adam"] = "sgd"  # SGD for ResNet-101, Adam for VGG-16 (Sec. 3.5)
     segmenter_beta1: float = 0.9  # Adam of the VGG-16 setting: "momentum 0.9 and 0.99" (Sec. 3.5)
     segmenter_beta2: float = 0.99
@@ -130,6 +150,7 @@ class Hyperparams(SegmenterRecipe):
         )
         require(0 <= self.centroid_momentum < 1, f"centroid_momentum must be in [0, 1) (got {self.centroid_momentum})")
         require(0 <= self.source_warmup < 1, f"source_warmup must be in [0, 1) (got {self.source_warmup})")
+        require(self.epochs > 0, f"epochs must be > 0 (got {self.epochs})")
         for name, valid in (
             ("segmenter_optimizer", ("sgd", "adam")),
             ("modulation", ("residual", "multiply")),
@@ -577,8 +598,8 @@ def collect_confidences(ctx: StepContext, images: Tensor, image_labels: Tensor |
 
 
 def update_thresholds(ctx: StepContext, gathered: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Alg. 1, lines 8-11 over the whole target set, with S_A for the current epoch."""
-    portion = selection_amount(ctx.target_epoch, ctx.hp.selection_start, ctx.hp.selection_step, ctx.hp.selection_max)
+    """Alg. 1, lines 8-11 over the whole target set, with S_A for the current (source) epoch."""
+    portion = selection_amount(ctx.source_epoch, ctx.hp.selection_start, ctx.hp.selection_step, ctx.hp.selection_max)
     thresholds = class_thresholds(
         gathered["confidence"].cpu(), gathered["prediction"].long().cpu(), ctx.info.num_classes, portion
     )
@@ -608,11 +629,13 @@ def warmup_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
 
 def stages(hp: Hyperparams) -> tuple[Stage, ...]:
     trains = ("segmenter", "discriminator") + (("quantizer", "critic") if hp.critical_transfer else ())
-    target_pass = TargetPass("every_epoch", collect_confidences, update_thresholds) if hp.confidence_guided else None
+    target_pass = None
+    if hp.confidence_guided:
+        target_pass = TargetPass("every_epoch", collect_confidences, update_thresholds, every="source")
     adapt = Stage(
         name="adapt",
         trains=trains,
-        budget_share=1.0 - hp.source_warmup,
+        budget=epochs(hp.epochs * (1.0 - hp.source_warmup), of="source"),
         optimizers=optimizers,
         step=train_step,
         target_pass=target_pass,
@@ -622,7 +645,7 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
     warmup = Stage(
         name="source_warmup",
         trains=("segmenter",),
-        budget_share=hp.source_warmup,
+        budget=epochs(hp.epochs * hp.source_warmup, of="source"),
         optimizers=warmup_optimizers,
         step=warmup_step,
         uses_target=False,
@@ -631,7 +654,7 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
 
 
 @torch.no_grad()
-def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: str) -> Tensor:
+def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: StagePosition) -> Tensor:
     """E → T_Q's transferability → C on the modulated features (Sec. 3.5 "forward x into E and C")."""
     return upsample(_logits(hp, modules, imagenet_normalise(images)), tuple(images.shape[-2:]))
 

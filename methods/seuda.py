@@ -38,7 +38,8 @@ and `source_histogram` and skips stage 1, so a sweep over α, β, λ trains GANs
         --set segmenter_weights=/path/to/last.pt                                     # stage 2 per trial
 
 The platform checks before any trial starts that the file exists and fits the modules. Left empty (default), every
-trial trains its own segmenter first (`segmenter_share` of the step budget).
+trial trains its own segmenter first (`segmenter_epochs` source epochs). The GAN stage lasts `gan_epochs` source
+epochs whether stage 1 runs in the trial or is reused.
 
 Choices the paper leaves open:
 1. Segmenter optimisation: "standard stochastic gradient descent", nothing else printed. The shared recipe's SGD
@@ -67,7 +68,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from methods.contract import Batch, Method, Optim, Stage, StepContext, TaskInfo, WeightsFile, require
+from methods.contract import (
+    Batch,
+    Method,
+    Optim,
+    SampleImages,
+    Stage,
+    StagePosition,
+    StepContext,
+    TaskInfo,
+    WeightsFile,
+    epochs,
+    require,
+)
 from methods.shared.gan import ImagePool, PatchDiscriminator, ResnetGenerator, lsgan_loss
 from methods.shared.losses import segmentation_loss
 from methods.shared.optim import linear_decay
@@ -95,7 +108,8 @@ class Hyperparams(SegmenterRecipe):
     generator_filters: int = 64  # ngf of [16]
     generator_blocks: int = 9  # residual blocks of [16] (9 for 256x256 and larger)
     discriminator_filters: int = 64  # ndf of [16]
-    segmenter_share: float = 0.5  # share of the step budget for stage 1 when it runs in the trial
+    segmenter_epochs: float = 200.0  # stage 1's length in source epochs: not printed, as long as the GAN stage
+    gan_epochs: float = 200.0  # stage 2: CycleGAN's 200 epochs ("linearly decayed every 100 epochs", Sec. 2.3)
     segmenter_weights: WeightsFile = ""  # a seuda checkpoint whose segmenter is reused; skips stage 1
     postprocess: bool = True  # largest connected component + hole filling (Sec. 3)
 
@@ -109,7 +123,8 @@ class Hyperparams(SegmenterRecipe):
         require(self.pool_size >= 0, f"pool_size must be >= 0 (got {self.pool_size})")
         for name in ("generator_filters", "generator_blocks", "discriminator_filters"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
-        require(0 < self.segmenter_share < 1, f"segmenter_share must be in (0, 1) (got {self.segmenter_share})")
+        for name in ("segmenter_epochs", "gan_epochs"):
+            require(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
         require(
             self.adaptation in ("seuda", "none", "histogram"),
             f"adaptation must be one of seuda, none, histogram (got {self.adaptation!r})",
@@ -305,7 +320,7 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
     segmenter = Stage(
         name="segmenter",
         trains=("segmenter", "source_histogram"),
-        budget_share=1.0 if hp.adaptation != "seuda" else hp.segmenter_share,
+        budget=epochs(hp.segmenter_epochs, of="source"),
         optimizers=segmenter_optimizers,
         step=segmenter_step,
         uses_target=False,
@@ -316,7 +331,7 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
     translate = Stage(
         name="translate",
         trains=trains,
-        budget_share=1.0 if hp.segmenter_weights else 1.0 - hp.segmenter_share,
+        budget=epochs(hp.gan_epochs, of="source"),
         optimizers=gan_optimizers,
         step=gan_step,
     )
@@ -377,14 +392,14 @@ def translate(modules: nn.ModuleDict, images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: str) -> Tensor:
+def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: StagePosition) -> Tensor:
     """Logits (or one-hot scores after post-processing) at image size, by the inference path of `adaptation`."""
     if hp.adaptation == "histogram":
         images = histogram_match(images, modules["source_histogram"].counts)
-    elif hp.adaptation == "seuda" and stage == "translate":
+    elif hp.adaptation == "seuda" and stage.name == "translate":
         images = translate(modules, images)
     logits = segment(modules, images)
-    if not (hp.postprocess and hp.adaptation == "seuda" and stage == "translate"):
+    if not (hp.postprocess and hp.adaptation == "seuda" and stage.name == "translate"):
         return logits
     labels = logits.argmax(1).cpu().numpy()
     cleaned = np.stack([postprocess(label, logits.shape[1]) for label in labels])
@@ -392,11 +407,11 @@ def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: str)
 
 
 @torch.no_grad()
-def samples(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: str) -> dict[str, Tensor]:
+def samples(hp: Hyperparams, modules: nn.ModuleDict, images: SampleImages, stage: StagePosition) -> dict[str, Tensor]:
     """Fig. 2 (a) as artifacts: target images and their translations x_t→s (in the translate stage)."""
-    if hp.adaptation != "seuda" or stage != "translate":
+    if hp.adaptation != "seuda" or stage.name != "translate":
         return {}
-    return {"target": images, "target_to_source": translate(modules, images)}
+    return {"target": images.target, "target_to_source": translate(modules, images.target)}
 
 
 METHOD = Method(

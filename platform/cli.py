@@ -12,6 +12,7 @@ Order of work, so that bad input never leaves anything behind:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -92,8 +93,13 @@ def build_parser(single: bool) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a Hyperparams field (repeatable)",
     )
-    parser.add_argument("--max-steps", type=int, help="optimiser steps per trial (default: the search space's)")
-    parser.add_argument("--eval-every", type=int, help="evaluate on target val every N steps (default max_steps/5)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        help="optimiser steps per trial: every stage scaled proportionally to N in all (default: the stages' own "
+        "budgets, the paper's epochs or steps; for methods with share budgets, the search space's MAX_STEPS)",
+    )
+    parser.add_argument("--eval-every", type=int, help="evaluate on target val every N steps (default: a fifth)")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (data parallel)")
     parser.add_argument("--cpus-per-worker", type=int, default=1)
     parser.add_argument("--gpus-per-worker", type=float, default=0)
@@ -225,8 +231,10 @@ class Costs:
     eval_s: float  # one evaluation of the target validation split
 
 
-def probe_costs(plan: Plan) -> Costs | None:
-    """Time a few optimiser steps and one evaluation batch in this process on synthetic tensors of the task's size.
+def probe_costs(plan: Plan, stage_steps: Sequence[int]) -> Costs | None:
+    """Time a few optimiser steps of every stage (each name once) and one evaluation batch in this process, on random
+    tensors of the task's size, through the loop's own stage set-up (`loop.enter_stage`); `step_s` is the mean over
+    the trial's steps (`stage_steps`: the first configuration's budget).
 
     None for GPU trials or real datasets, where a CPU probe here would be meaningless or slow."""
     resolved = plan.resolved
@@ -234,79 +242,82 @@ def probe_costs(plan: Plan) -> Costs | None:
         return None
     import torch
 
-    import methods
-    from methods.contract import Batch, StepContext
+    from platform import loop
     from platform.datasets import read_manifest
 
-    hp = methods.make_hyperparams(resolved.method, {**resolved.base, **plan.sweep.points[0]})
-    info = resolved.task.info
+    spec = loop.TrialSpec(
+        method=resolved.method.name,
+        task=resolved.task.name,
+        hyperparams={**resolved.base, **plan.sweep.points[0]},
+        seed=0,
+        max_steps=resolved.max_steps,
+        eval_every=resolved.eval_every,
+        data_root=plan.data_root,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.args.cpus_per_worker)
     try:
-        modules = resolved.method.build(hp, info)
-        stage = resolved.method.stages(hp)[0]
-        optims = stage.optimizers(hp, modules, 100)
-        manifest = read_manifest(plan.data_root, resolved.task.source_train.dataset)
-        height, width = manifest.splits["train"].image_sizes[0]
+        trial = loop.open_trial(spec, torch.device("cpu"))
+        height, width = read_manifest(plan.data_root, resolved.task.source_train.dataset).splits["train"].image_sizes[0]
         generator = torch.Generator().manual_seed(0)
-        images = torch.rand(hp.batch_size, info.in_channels, height, width, generator=generator)
-        labels = torch.randint(0, info.num_classes, (hp.batch_size, height, width), generator=generator)
-        batch = Batch(
-            source_image=images,
-            source_label=labels,
-            target_image=images.clone() if stage.uses_target else None,
-            target_image_label=torch.ones(hp.batch_size, info.num_classes) if info.target_image_labels else None,
-        )
-        for name, module in modules.items():
-            module.train(name in stage.trains)
-        ctx = StepContext(
-            hp=hp,
-            info=info,
-            modules=modules,
-            optimizers={n: o.optimizer for n, o in optims.items()},
-            state=resolved.method.init_state(hp, info),
-            stage=stage.name,
-            stage_step=0,
-            stage_steps=100,
-            target_epoch=0,
-            generator=generator,
-            device=torch.device("cpu"),
-        )
-        if stage.target_pass is not None:  # the state a pass over the target set would leave (e.g. thresholds)
-            with torch.no_grad():
-                ctx.state.update(
-                    stage.target_pass.update(
-                        ctx,
-                        stage.target_pass.collect(
-                            ctx,
-                            batch.target_image if batch.target_image is not None else images,
-                            batch.target_image_label,
-                        ),
-                    )
-                )
-        timings = []
-        for _ in range(3):
-            started = time.perf_counter()
-            stage.step(ctx, batch)
-            timings.append(time.perf_counter() - started)
-        modules.eval()
+        images = torch.rand(trial.hp.batch_size, trial.info.in_channels, height, width, generator=generator)
+        labels = torch.randint(0, trial.info.num_classes, (trial.hp.batch_size, height, width), generator=generator)
+        optimisers, state, seconds = loop.Optimisers(trial), trial.method.init_state(trial.hp, trial.info), {}
+        for index, stage in enumerate(trial.stages):
+            if stage.name not in seconds:
+                seconds[stage.name] = _time_stage(trial, index, optimisers, state, images, labels)
+        step_s = sum(seconds[s.name] * n for s, n in zip(trial.stages, stage_steps)) / max(1, sum(stage_steps))
         val_count = read_manifest(plan.data_root, resolved.task.target_val.dataset).splits["val"].count
-        eval_images = torch.rand(16, info.in_channels, height, width, generator=generator)
+        eval_images = torch.rand(16, trial.info.in_channels, height, width, generator=generator)
         started = time.perf_counter()
-        resolved.method.predict(hp, modules, eval_images, stage.name)
+        with loop.all_eval(trial.modules):
+            trial.method.predict(trial.hp, trial.modules, eval_images, trial.positions[-1])
         eval_s = (time.perf_counter() - started) * math.ceil(val_count / 16) * 1.3  # + decoding and the matrix
-        return Costs(step_s=sum(timings[1:]) / 2, eval_s=eval_s)
+        return Costs(step_s=step_s, eval_s=eval_s)
     except Exception:  # an estimate must never stop a sweep; the trial will report the real error
         return None
     finally:
         torch.set_num_threads(threads)
 
 
+def _time_stage(trial: Any, index: int, optimisers: Any, state: dict, images: Any, labels: Any) -> float:
+    """Seconds per step of stage `index` (the mean of two steps after a first one) on a random batch."""
+    import torch
+
+    from methods.contract import Batch
+    from platform import loop
+
+    entered = loop.enter_stage(trial, index, optimisers, state, torch.Generator().manual_seed(0))
+    loop.start_stage(entered)
+    stage, ctx, info = entered.stage, entered.ctx, trial.info
+    if stage.target_pass is not None:  # the state a pass over the target set would leave (e.g. thresholds)
+        with loop.all_eval(trial.modules):
+            out = stage.target_pass.collect(ctx, images, None)
+            gathered = {k: v for k, v in out.items() if k not in stage.target_pass.store}
+            if stage.target_pass.update is not None:
+                ctx.state.update(stage.target_pass.update(ctx, gathered))
+        loop.set_modes(trial.modules, stage)
+    image_labels = torch.ones(len(images), info.num_classes)
+    batch = Batch(
+        source_image=images,
+        source_label=labels,
+        target_image=images.clone() if stage.uses_target else None,
+        target_image_label=image_labels if info.target_image_labels and stage.uses_target else None,
+        source_image_label=image_labels if info.source_image_labels else None,
+    )
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        stage.step(ctx, batch)
+        timings.append(time.perf_counter() - started)
+    return sum(timings[1:]) / 2
+
+
 # Measured here: two 1-thread trials side by side on 2 cores each step about 1.6x slower than one alone.
 CONTENTION = 1.6
 
 
-def describe(plan: Plan, costs: Costs | None, concurrency: int) -> str:
+def describe(plan: Plan, costs: Costs | None, concurrency: int, stage_steps: Sequence[int]) -> str:
     sweep, resolved = plan.sweep, plan.resolved
     if sweep.mode == "tpe":
         what = f"TPE over {', '.join(resolved.space.ranges)} ({sweep.num_samples} configurations, defaults first)"
@@ -320,18 +331,21 @@ def describe(plan: Plan, costs: Costs | None, concurrency: int) -> str:
             f"random search over {', '.join(resolved.space.ranges)} ({len(sweep.points)} configurations, "
             "defaults first)"
         )
+    total = sum(stage_steps)
+    every = resolved.eval_every or max(1, total // 5)
     lines = [
         f"{resolved.method.name} on {resolved.task.name}: {what} × seeds {list(sweep.seeds)} = "
-        f"{sweep.num_trials} trial(s) of {resolved.max_steps} steps, evaluated every {resolved.eval_every} steps",
+        f"{sweep.num_trials} trial(s) of {total} steps, evaluated every {every} steps and at each stage's end",
         f"  {plan.args.workers} worker(s) per trial ({RUNNER_WORDS[plan.runner]}), {concurrency} trial(s) at a time",
+        f"  stages: {_stage_words(plan, stage_steps)}",
     ]
     if costs is not None:
         at_once = min(concurrency, sweep.num_trials)
         busy = at_once * plan.args.workers * plan.args.cpus_per_worker >= (os.cpu_count() or 1)
         slowdown = CONTENTION if at_once > 1 and busy else 1.0
-        evaluations = math.ceil(resolved.max_steps / resolved.eval_every)
+        evaluations = config.evaluations(stage_steps, resolved.eval_every)
         overhead = TRIAL_OVERHEAD_S[plan.runner]
-        per_trial = overhead + (resolved.max_steps * costs.step_s + evaluations * costs.eval_s) * slowdown
+        per_trial = overhead + (total * costs.step_s + evaluations * costs.eval_s) * slowdown
         total = RAY_START_S + math.ceil(sweep.num_trials / concurrency) * per_trial
         lines.append(
             f"  expected duration: about {_minutes(total)} ({costs.step_s:.2f} s/step and "
@@ -341,6 +355,22 @@ def describe(plan: Plan, costs: Costs | None, concurrency: int) -> str:
         lines.append("  expected duration: not estimated here (GPU trials or real data; see benchmarks/)")
     lines.append(f"  sweep {plan.name}; results in {plan.storage_path}; tracking {plan.tracking_uri}")
     return "\n".join(lines)
+
+
+def _stage_words(plan: Plan, stage_steps: Sequence[int]) -> str:
+    """ "segmenter 300 + translate 300 (the first configuration; --max-steps 20 scaled them from 600)"."""
+    from platform import budgets
+
+    resolved = plan.resolved
+    hp = config.check_hyperparams(resolved.method, {**resolved.base, **plan.sweep.points[0]})
+    stages = resolved.method.stages(hp)
+    text = budgets.describe(stages, stage_steps)
+    if resolved.max_steps is not None and not budgets.uses_shares(stages):
+        full = config.trial_steps(
+            dataclasses.replace(resolved, max_steps=None), plan.sweep.points[0], plan.data_root, plan.args.workers
+        )
+        text += f" (--max-steps {resolved.max_steps} scaled every stage from the full {sum(full)} steps)"
+    return text + (" for the first configuration" if len(plan.sweep.points) > 1 else "")
 
 
 RUNNER_WORDS = {config.INLINE: "inline: trained in the Tune trial's process", config.TRAIN: "a Ray Train worker group"}
@@ -429,10 +459,11 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
                 flush=True,
             )
         fingerprints = tasks.prepare(resolved.task, plan.data_root)
-    except DatasetNotFoundError as error:
+        steps = [config.trial_steps(resolved, point, plan.data_root, plan.args.workers) for point in plan.sweep.points]
+    except (DatasetNotFoundError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    costs = probe_costs(plan)
+    costs = probe_costs(plan, steps[0])
 
     cluster.connect(plan.args.address)
     available = cluster.resources()
@@ -451,11 +482,13 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
     concurrency = cluster.max_concurrent_trials(
         available, plan.args.workers, plan.args.cpus_per_worker, plan.args.gpus_per_worker
     )
-    print(describe(plan, costs, concurrency), flush=True)
-    return run_sweep(plan, fingerprints, concurrency)
+    print(describe(plan, costs, concurrency, steps[0]), flush=True)
+    reports = max(config.evaluations(point_steps, resolved.eval_every) for point_steps in steps)
+    return run_sweep(plan, fingerprints, concurrency, reports)
 
 
-def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int:
+def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, reports: int) -> int:
+    """`reports`: the most evaluations a trial of this sweep makes (ASHA's horizon)."""
     from ray import tune
 
     from platform import tuning
@@ -487,6 +520,7 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
         eval_every=resolved.eval_every,
         data_root=plan.data_root,
         storage_path=os.path.join(plan.storage_path, plan.name, "train"),
+        store_root=os.path.join(plan.storage_path, plan.name, "stores"),
         sweep_name=plan.name,
         workers=plan.args.workers,
         cpus_per_worker=plan.args.cpus_per_worker,
@@ -531,7 +565,7 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int) -> int
                     mode=tuning.MODE,
                     num_samples=tuning.num_tune_samples(sweep),
                     search_alg=tuning.searcher(sweep, sweep.seeds[0]),
-                    scheduler=tuning.scheduler(plan.scheduler, resolved.max_steps, resolved.eval_every),
+                    scheduler=tuning.scheduler(plan.scheduler, reports),
                     max_concurrent_trials=concurrency,
                     trial_dirname_creator=lambda trial: trial.trial_id,
                     trial_name_creator=lambda trial: trial.trial_id,
@@ -596,8 +630,8 @@ def _sweep_params(plan: Plan) -> dict[str, Any]:
         "grid": sweep.grid_name or "",
         "num_trials": sweep.num_trials,
         "seeds": ",".join(map(str, sweep.seeds)),
-        "max_steps": plan.resolved.max_steps,
-        "eval_every": plan.resolved.eval_every,
+        "max_steps": plan.resolved.max_steps if plan.resolved.max_steps is not None else "",
+        "eval_every": plan.resolved.eval_every or "",
         "workers": plan.args.workers,
         "scheduler": plan.scheduler or "",
         "overrides": json.dumps(dict(plan.resolved.base), default=str),

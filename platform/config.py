@@ -23,7 +23,7 @@ from typing import Any, Literal
 import methods
 import search_spaces
 from methods.contract import Method, weights_file_fields
-from platform import tasks
+from platform import budgets, tasks
 from platform.tasks import Task
 from search_spaces import SEED_AXIS, SearchSpace
 
@@ -51,8 +51,10 @@ class Resolved:
     task: Task
     space: SearchSpace
     base: Mapping[str, Any]  # per-task defaults + --set overrides (not yet the swept values)
-    max_steps: int
-    eval_every: int
+    # the trial's length for share budgets (--max-steps, else MAX_STEPS); for absolute budgets --max-steps scales the
+    # stages to it, None keeps their own length (platform/budgets.py)
+    max_steps: int | None
+    eval_every: int | None  # None: a fifth of each trial's steps
 
 
 def resolve(
@@ -76,19 +78,41 @@ def resolve(
         raise UsageError(f"{kind} {task_name!r} for {method.name}; valid: {', '.join(method.tasks)}")
     task = tasks.get(task_name)
     base = {**space.task_defaults.get(task.name, {}), **(overrides or {})}
-    check_hyperparams(method, base)
+    hp = check_hyperparams(method, base)
     check_weights_files(method, task, base)
-    if max_steps is None:
+    if max_steps is not None and max_steps < 1:
+        raise UsageError(f"--max-steps must be >= 1 (got {max_steps})")
+    try:
+        shares = budgets.uses_shares(method.stages(hp))
+    except budgets.BudgetError as error:
+        raise UsageError(f"{method.name}: {error}") from None
+    if max_steps is None and shares:
         max_steps = space.max_steps.get(task.name)
         if max_steps is None:
             raise UsageError(f"search_spaces/{method.name}.py has no step budget for {task.name}; pass --max-steps N")
-    if max_steps < 1:
-        raise UsageError(f"--max-steps must be >= 1 (got {max_steps})")
-    if eval_every is None:
-        eval_every = max(1, max_steps // 5)
-    if eval_every < 1:
+    if eval_every is not None and eval_every < 1:
         raise UsageError(f"--eval-every must be >= 1 (got {eval_every})")
     return Resolved(method=method, task=task, space=space, base=base, max_steps=max_steps, eval_every=eval_every)
+
+
+def trial_steps(resolved: Resolved, point: Mapping[str, Any], data_root: str, workers: int) -> list[int]:
+    """Steps per stage of the trial running `point` (on top of resolved.base) with `workers` workers; the task's
+    data must be prepared (epoch budgets read its split sizes). UsageError if they cannot be resolved."""
+    hp = check_hyperparams(resolved.method, {**resolved.base, **point})
+    info = tasks.runtime_info(resolved.task, data_root)
+    try:
+        return budgets.stage_steps(resolved.method.stages(hp), info, hp.batch_size, workers, resolved.max_steps)
+    except budgets.BudgetError as error:
+        raise UsageError(str(error)) from None
+
+
+def evaluations(stage_steps: Sequence[int], eval_every: int | None) -> int:
+    """Evaluations (= Tune reports) of a trial: every `eval_every` steps (default a fifth of its steps) and at the
+    end of every stage (platform/loop.py)."""
+    total = sum(stage_steps)
+    every = eval_every or max(1, total // 5)
+    ends = {sum(stage_steps[: i + 1]) for i in range(len(stage_steps))}
+    return len(set(range(every, total + 1, every)) | ends)
 
 
 def check_hyperparams(method: Method, values: Mapping[str, Any]) -> Any:

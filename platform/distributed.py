@@ -80,6 +80,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduced.to(tensor.device)
 
 
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over workers (what `StepContext.all_reduce_mean` gives methods for state updated in a step)."""
+    if world_size() == 1:
+        return tensor
+    return all_reduce_sum(tensor) / world_size()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate along dim 0 the tensors of all workers (their first dimensions may differ), in rank order."""
     if world_size() == 1:

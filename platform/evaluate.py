@@ -45,6 +45,7 @@ def evaluate_checkpoint(
     weights: str, split: str = "val", data_root: str | None = None, batch_size: int = 8
 ) -> tuple[dict[str, float], dict]:
     import methods
+    from methods.contract import StagePosition
     from platform.loop import evaluate_split
 
     modules, meta = checkpoints.load_modules(weights)
@@ -63,7 +64,7 @@ def evaluate_checkpoint(
         modules.to(device),
         task,
         split_files(root, target.dataset, target.split),
-        meta["stage"],
+        StagePosition(meta["stage"], meta.get("stage_index", 0), meta.get("round", 0)),
         batch_size,
         0,
         1,

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.nn import functional as F
 
-from platform.datasets import decode_array
+from platform.datasets import IGNORE_INDEX, decode_array
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class RowGroup:
     path: str
     index: int
     num_rows: int
+    offset: int = 0  # the group's first row in its split (row_groups)
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -61,11 +62,25 @@ def _open(path: str) -> pq.ParquetFile:
 
 
 def row_groups(files: Sequence[str]) -> list[RowGroup]:
+    """The row groups of a split's shards in file order; `offset` is a group's first row in the split (so a sample's
+    row index is offset + its row in the group: what `Batch.*_index` carries)."""
     groups = []
+    offset = 0
     for path in files:
         metadata = _open(path).metadata
-        groups.extend(RowGroup(path, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups))
+        for i in range(metadata.num_row_groups):
+            rows = metadata.row_group(i).num_rows
+            groups.append(RowGroup(path, i, rows, offset))
+            offset += rows
     return groups
+
+
+def row_ids(files: Sequence[str]) -> list[str]:
+    """The string `id` of every row of a split, by row index (`Batch.*_index` → the shards' sample id)."""
+    ids: list[str] = []
+    for path in files:
+        ids.extend(_open(path).read(columns=["id"]).column("id").to_pylist())
+    return ids
 
 
 @dataclass(frozen=True)
@@ -94,61 +109,114 @@ class Policy:
         return [Augment(bool(f), float(c), (float(y), float(x))) for f, c, (y, x) in zip(flips, scales, crops)]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an augmented sample comes from in its (resized) image: the size after the random scale, the crop box
+    (top, left, height, width; it may extend past the bottom and right edges, which are padded) and the flip."""
+
+    size: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool
+
+    @classmethod
+    def of(cls, policy: Policy, augment: Augment, height: int, width: int) -> Placement:
+        """The placement `augment` gives an image of (height, width) after the policy's resize."""
+        if augment.scale != 1.0:
+            height, width = max(1, round(height * augment.scale)), max(1, round(width * augment.scale))
+        if policy.crop is None:
+            return cls((height, width), (0, 0, height, width), augment.flip)
+        crop_h, crop_w = policy.crop
+        room_h, room_w = max(height, crop_h) - crop_h, max(width, crop_w) - crop_w
+        top, left = int(augment.crop[0] * room_h), int(augment.crop[1] * room_w)
+        return cls((height, width), (top, left, crop_h, crop_w), augment.flip)
+
+    def as_tensors(self, scale: float) -> dict[str, torch.Tensor]:
+        return {
+            "aug_size": torch.tensor(self.size, dtype=torch.int64),
+            "aug_scale": torch.tensor(scale, dtype=torch.float32),
+            "aug_crop": torch.tensor(self.box, dtype=torch.int64),
+            "aug_flip": torch.tensor(self.flip),
+        }
+
+
+def resize_map(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """(C, H, W) or (H, W) → `size`, bilinear or nearest; uint8 stays uint8 (3x faster than float on CPU; bilinear
+    differs from resizing in float by at most one grey level, the rounding); other integer types go through float."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    planar = x.ndim == 2
+    batch = x[None, None] if planar else x[None]
+    native = x.dtype == torch.uint8 or x.is_floating_point()
+    work = batch if native else batch.double()
+    if mode == "bilinear":
+        resized = F.interpolate(work, size=size, mode="bilinear", align_corners=False)
+    else:
+        resized = F.interpolate(work, size=size, mode="nearest")
+    resized = resized if native else resized.round().to(x.dtype)
+    return resized[0, 0] if planar else resized[0]
+
+
+def place_map(x: torch.Tensor, placement: Placement, mode: str, fill: float) -> torch.Tensor:
+    """A map at the policy's size → the augmented sample's pixels: rescale to `placement.size`, crop `placement.box`
+    (padding the bottom and right with `fill` where the box extends past the map), flip. The one transform that
+    images (bilinear, 0), labels (nearest, 255) and the per-sample store's maps share, so that they stay aligned."""
+    x = resize_map(x, placement.size, mode)
+    top, left, crop_h, crop_w = placement.box
+    height, width = x.shape[-2:]
+    pad_h, pad_w = max(0, top + crop_h - height), max(0, left + crop_w - width)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), value=fill)
+    if (top, left, crop_h, crop_w) != (0, 0, height, width):
+        x = x[..., top : top + crop_h, left : left + crop_w]
+    return x.flip(-1) if placement.flip else x
+
+
 def _resize_sample(sample: dict[str, torch.Tensor], size: tuple[int, int], resize_label: bool) -> None:
-    """Image bilinear, label nearest; uint8 tensors are resized as uint8 (3x faster than float on CPU; the result
-    differs from resizing in float by at most one grey level, the rounding to uint8)."""
+    """Image bilinear, label nearest (see `resize_map`)."""
     if tuple(sample["image"].shape[-2:]) == tuple(size):
         return
-    sample["image"] = F.interpolate(sample["image"][None], size=size, mode="bilinear", align_corners=False)[0]
+    sample["image"] = resize_map(sample["image"], size, "bilinear")
     if "label" in sample and resize_label:
-        label = sample["label"]
-        resized = F.interpolate(
-            (label if label.dtype == torch.uint8 else label.float())[None, None], size=size, mode="nearest"
-        )[0, 0]
-        sample["label"] = resized.to(label.dtype)
+        sample["label"] = resize_map(sample["label"], size, "nearest")
 
 
 def augment_sample(sample: dict[str, torch.Tensor], policy: Policy, augment: Augment) -> dict[str, torch.Tensor]:
-    """Resize, scale, crop (labels padded with 255 where the crop is larger than the image), flip."""
+    """Resize, scale, crop (labels padded with 255 where the crop is larger than the image), flip; the sample also
+    gets its placement as tensors (`aug_size`, `aug_scale`, `aug_crop`, `aug_flip`: Batch.*_augmentation)."""
     if policy.size is not None:
         _resize_sample(sample, policy.size, True)
-    if augment.scale != 1.0:
-        height, width = sample["image"].shape[-2:]
-        _resize_sample(sample, (max(1, round(height * augment.scale)), max(1, round(width * augment.scale))), True)
-    if policy.crop is not None:
-        crop_h, crop_w = policy.crop
-        height, width = sample["image"].shape[-2:]
-        pad_h, pad_w = max(0, crop_h - height), max(0, crop_w - width)
-        if pad_h or pad_w:
-            sample["image"] = F.pad(sample["image"], (0, pad_w, 0, pad_h))
-            if "label" in sample:
-                sample["label"] = F.pad(sample["label"], (0, pad_w, 0, pad_h), value=255)
-            height, width = sample["image"].shape[-2:]
-        top = int(augment.crop[0] * (height - crop_h))
-        left = int(augment.crop[1] * (width - crop_w))
-        sample["image"] = sample["image"][:, top : top + crop_h, left : left + crop_w]
-        if "label" in sample:
-            sample["label"] = sample["label"][top : top + crop_h, left : left + crop_w]
-    if augment.flip:
-        sample["image"] = sample["image"].flip(-1)
-        if "label" in sample:
-            sample["label"] = sample["label"].flip(-1)
+    height, width = sample["image"].shape[-2:]
+    placement = Placement.of(policy, augment, height, width)
+    sample["image"] = place_map(sample["image"], placement, "bilinear", 0)
+    if "label" in sample:
+        sample["label"] = place_map(sample["label"], placement, "nearest", IGNORE_INDEX)
+    sample.update(placement.as_tensors(augment.scale))
     return sample
 
 
 def decode_row(row: dict, num_classes: int) -> dict[str, torch.Tensor]:
     """A Parquet row → tensors before any transform: image (C, H, W) uint8, label (H, W) uint8, image_labels (K,)
-    float32, spacing_mm (2,) float64. `finish` makes them model inputs."""
+    float32, spacing_mm (2,) float64. `finish` makes them model inputs.
+
+    Where the label column was read but the row has none (a source image with image-level labels only), the label
+    is all `IGNORE_INDEX`; where the image_labels column was read but the row has none and its label is known, the
+    image-level labels are the classes present in the label."""
     image = _tensor(decode_array(row["image"]))
     sample = {"image": image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)}
     if row.get("label") is not None:
         sample["label"] = _tensor(decode_array(row["label"]))
+    elif "label" in row:
+        sample["label"] = torch.full(tuple(sample["image"].shape[-2:]), IGNORE_INDEX, dtype=torch.uint8)
     if row.get("spacing_mm") is not None:
         sample["spacing_mm"] = torch.tensor(row["spacing_mm"], dtype=torch.float64)
-    if row.get("image_labels") is not None:
-        present = torch.zeros(num_classes)
-        present[list(row["image_labels"])] = 1
-        sample["image_labels"] = present
+    classes = row.get("image_labels")
+    if classes is None and "image_labels" in row and row.get("label") is not None:
+        present = torch.bincount(sample["label"].flatten().long(), minlength=256)[:num_classes]
+        classes = torch.nonzero(present).flatten().tolist()
+    if classes is not None:
+        vector = torch.zeros(num_classes)
+        vector[list(classes)] = 1
+        sample["image_labels"] = vector
     return sample
 
 
@@ -280,7 +348,8 @@ class TrainStream:
     """Infinite iterator of training batches for one rank; see the module docstring for the order.
 
     Batches come as decoded: image (B, C, H, W) uint8, label (B, H, W) uint8 (plus image_labels, spacing_mm where
-    read). The consumer moves them to its device and calls `finish` there: a quarter of the bytes to copy to a GPU, and
+    read), each sample's row index in the split (`index`, (B,) int64) and its placement (`aug_size` (B, 2),
+    `aug_scale` (B,), `aug_crop` (B, 4), `aug_flip` (B,): what `Batch.*_augmentation` carries). The consumer moves them to its device and calls `finish` there: a quarter of the bytes to copy to a GPU, and
     the float conversion of a whole batch (a fresh 4-byte-per-pixel allocation, page faults included) leaves the
     decode threads.
     """
@@ -348,10 +417,11 @@ class TrainStream:
 
     def _batch(self, items: list[tuple[RowGroup, int, Augment]]) -> dict[str, torch.Tensor]:
         """Read, decode and augment one batch (one pool task), stacked as it was decoded (uint8)."""
-        samples = [
-            augment_sample(decode_row(self.reader.rows(group)[row], self.num_classes), self.policy, augment)
-            for group, row, augment in items
-        ]
+        samples = []
+        for group, row, augment in items:
+            sample = augment_sample(decode_row(self.reader.rows(group)[row], self.num_classes), self.policy, augment)
+            sample["index"] = torch.tensor(group.offset + row, dtype=torch.int64)
+            samples.append(sample)
         return collate(samples)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -385,6 +455,16 @@ class TrainStream:
             self.reader.close()
 
 
+def first_rows(files: Sequence[str], columns: Sequence[str], count: int) -> list[dict]:
+    """The first `count` rows of a split, in file order."""
+    reader, rows = _RowGroupReader(columns), []
+    for group in row_groups(files):
+        rows.extend(reader.rows(group)[: count - len(rows)])
+        if len(rows) >= count:
+            break
+    return rows
+
+
 def eval_batches(
     files: Sequence[str],
     columns: Sequence[str],
@@ -394,7 +474,8 @@ def eval_batches(
     world_size: int = 1,
     size: tuple[int, int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Every row of the split once (this rank's share: row groups g with g % world_size == rank), in file order.
+    """Every row of the split once (this rank's share: row groups g with g % world_size == rank), in file order, with
+    each row's index in the split (`index`).
 
     Images are resized to `size` (the resolution the model segments at); labels keep their full resolution, because
     evaluation is at label resolution. A batch only holds samples of one image size.
@@ -404,8 +485,9 @@ def eval_batches(
     for index, group in enumerate(row_groups(files)):
         if index % world_size != rank:
             continue
-        for row in reader.rows(group):
+        for position, row in enumerate(reader.rows(group)):
             sample = decode_sample(row, num_classes, size, flip=False, resize_label=False)
+            sample["index"] = torch.tensor(group.offset + position, dtype=torch.int64)
             if batch and _shapes(batch[0]) != _shapes(sample):
                 yield collate(batch)
                 batch = []

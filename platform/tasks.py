@@ -40,10 +40,19 @@ class Task:
     eval_classes: tuple[int, ...] | None = None  # classes val_target/miou averages over (default: all)
     class_subsets: tuple[tuple[str, tuple[int, ...]], ...] = ()  # extra means over subsets: ("miou13", ids)
     lung_metrics: bool = False  # per-class Dice, recall, precision (%) and ASD (mm) per image, averaged
+    # A source split whose rows have image-level labels and no pixel labels (SLRT's 2,400 gastroscope images),
+    # streamed together with `source_train`: their pixel labels are all ignore_index, their image-level labels reach
+    # methods as Batch.source_image_label (TaskInfo.source_image_labels must then be True).
+    source_weak: Split | None = None
+
+    @property
+    def source_splits(self) -> tuple[Split, ...]:
+        """What the source training stream reads, in this order (row indices run over their concatenation)."""
+        return (self.source_train,) + ((self.source_weak,) if self.source_weak else ())
 
     @property
     def datasets(self) -> tuple[str, ...]:
-        splits = (self.source_train, self.target_train, self.target_val) + (
+        splits = (*self.source_splits, self.target_train, self.target_val) + (
             (self.target_test,) if self.target_test else ()
         )
         return tuple(dict.fromkeys(s.dataset for s in splits))
@@ -172,7 +181,15 @@ _PAPER_TASKS = (
     Task(
         name="endoscopy",
         description="gastroscope → enteroscope lesions (normal, disease); image-level labels on target",
-        info=TaskInfo(num_classes=2, in_channels=3, class_names=("normal", "disease"), target_image_labels=True),
+        # image-level labels on both sides: the converter's rows without a mask (SLRT's image-labelled gastroscope
+        # images) stream with every pixel ignored; a masked row's image labels are the classes its mask holds
+        info=TaskInfo(
+            num_classes=2,
+            in_channels=3,
+            class_names=("normal", "disease"),
+            target_image_labels=True,
+            source_image_labels=True,
+        ),
         source_train=Split("endoscopy-gastroscope", "train"),
         target_train=Split("endoscopy-enteroscope", "train"),
         target_val=Split("endoscopy-enteroscope", "test"),
@@ -238,6 +255,24 @@ def prepare(task: Task, data_root: str) -> dict[str, str]:
                 ) from None
         fingerprints[dataset] = manifest.fingerprint
     return fingerprints
+
+
+def runtime_info(task: Task, data_root: str) -> TaskInfo:
+    """The task's TaskInfo with the sizes of its training splits, read from the prepared datasets' manifests."""
+
+    def count(split: Split) -> int:
+        manifest = read_manifest(data_root, split.dataset)
+        if split.split not in manifest.splits:
+            raise DatasetNotFoundError(
+                f"dataset {split.dataset!r} has no split {split.split!r}; it has {', '.join(manifest.splits)}"
+            )
+        return manifest.splits[split.split].count
+
+    return dataclasses.replace(
+        task.info,
+        source_train_size=sum(count(split) for split in task.source_splits),
+        target_train_size=count(task.target_train),
+    )
 
 
 def converter_for(dataset: str) -> str:

@@ -18,6 +18,7 @@ Train as its Session (rank, device, report + checkpoint, resume) and, on rank 0,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -150,10 +151,13 @@ def build_trainer(
         sync_batchnorm=sync_batchnorm,
     )
     name = name or f"{resolved.method.name}-{resolved.task.name}-seed{seed}"
+    storage = storage_path or config_module.DEFAULT_STORAGE
+    storage = storage if "://" in storage else os.path.abspath(storage)
+    spec = dataclasses.replace(spec, store_root=f"{storage.rstrip('/')}/{name}/store")
     return trainer_for_spec(
         spec,
         name=name,
-        storage_path=os.path.abspath(storage_path or config_module.DEFAULT_STORAGE),
+        storage_path=storage,
         workers=workers,
         cpus_per_worker=cpus_per_worker,
         gpus_per_worker=gpus_per_worker,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,8 +51,8 @@ class TrialTemplate:
     method: str
     task: str
     base: Mapping[str, Any]  # per-task defaults + --set overrides
-    max_steps: int
-    eval_every: int
+    max_steps: int | None  # loop.TrialSpec.max_steps
+    eval_every: int | None
     data_root: str
     storage_path: str
     sweep_name: str
@@ -67,6 +68,18 @@ class TrialTemplate:
     defaults: Mapping[str, Any]  # the method's paper defaults (to record every hyperparameter as a param)
     sync_batchnorm: bool = False  # a default, so that `--resume` of a sweep pickled before this field still loads
     runner: str = TRAIN  # likewise: sweeps pickled before inline trials existed ran every trial through Ray Train
+    store_root: str = ""  # per-sample stores, one folder per trial (empty: "stores" beside storage_path)
+
+
+def trial_steps(template: TrialTemplate, hp: Mapping[str, Any]) -> list[int]:
+    """The trial's steps per stage (what its MLflow params record)."""
+    import methods
+    from platform import budgets, tasks
+
+    method = methods.get(template.method)
+    values = methods.make_hyperparams(method, hp)
+    info = tasks.runtime_info(tasks.get(template.task), template.data_root)
+    return budgets.stage_steps(method.stages(values), info, values.batch_size, template.workers, template.max_steps)
 
 
 def trial_label(config: Mapping[str, Any], swept: tuple[str, ...]) -> str:
@@ -104,12 +117,15 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
     hp = {**template.base, **config["hp"]}
     seed = int(config["seed"])
     tracker = Tracker(template.tracking_uri)
+    steps = trial_steps(template, hp)
     params = {
         **template.defaults,
         **hp,
         "seed": seed,
-        "max_steps": template.max_steps,
-        "eval_every": template.eval_every,
+        "steps": sum(steps),
+        "stage_steps": ",".join(map(str, steps)),
+        "max_steps": template.max_steps if template.max_steps is not None else "",
+        "eval_every": template.eval_every or "",
         "workers": template.workers,
     }
     tags = tags_for(template.method, template.task, seed, template.code_version, template.fingerprints)
@@ -132,6 +148,9 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
         threads=template.cpus_per_worker,
         sync_batchnorm=template.sync_batchnorm,
         tags={"mlflow_run_id": run_id, "trial_id": trial_id},
+        store_root=os.path.join(
+            template.store_root or os.path.join(os.path.dirname(template.storage_path), "stores"), trial_id
+        ),
     )
     if template.runner == INLINE:
         _train_inline(spec, tracker, template.tracking_uri, run_id)
@@ -222,10 +241,10 @@ def searcher(sweep: Sweep, sampling_seed: int) -> Searcher | None:
     return SeedReplicas(inner, sweep.seeds)
 
 
-def scheduler(name: str | None, max_steps: int, eval_every: int) -> ASHAScheduler | None:
+def scheduler(name: str | None, reports: int) -> ASHAScheduler | None:
+    """`reports`: the most evaluations a trial makes (Tune iterations; config.evaluations)."""
     if name is None:
         return None
-    reports = -(-max_steps // eval_every)  # evaluations per trial = Tune iterations
     return ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=1, reduction_factor=2)
 
 

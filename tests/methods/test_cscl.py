@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from methods import cscl
+from methods import contract, cscl
 from methods.contract import Batch, StepContext, TaskInfo
 
 
@@ -232,7 +232,9 @@ def test_source_warmup_is_line_4_alone_before_the_first_threshold_pass():
     ctx, step = _context(source_warmup=0.25)
     warmup, adapt = cscl.stages(ctx.hp)
     assert (warmup.trains, warmup.uses_target, warmup.target_pass) == (("segmenter",), False, None)
-    assert (warmup.budget_share, adapt.budget_share) == (0.25, 0.75) and adapt.target_pass is not None
+    epochs = ctx.hp.epochs
+    assert (warmup.budget, adapt.budget) == (contract.epochs(0.25 * epochs), contract.epochs(0.75 * epochs))
+    assert adapt.target_pass is not None and adapt.target_pass.every == "source"  # S_A counts source epochs
     assert set(cscl.warmup_optimizers(ctx.hp, ctx.modules, 10)) == {"segmenter"}
     batch = Batch(source_image=torch.rand(2, 3, 64, 64), source_label=step.y_s, target_image=None)
     assert _moved(ctx, lambda: cscl.warmup_step(ctx, batch)) == {"E", "C"}
@@ -242,7 +244,7 @@ def test_source_warmup_is_line_4_alone_before_the_first_threshold_pass():
 def test_threshold_pass_uses_the_epoch_schedule():
     ctx, _ = _context()
     gathered = {"confidence": torch.tensor([0.9, 0.8, 0.7]), "prediction": torch.tensor([0, 0, 1], dtype=torch.int16)}
-    ctx.target_epoch = 3
+    ctx.target_epoch, ctx.source_epoch = 0, 3  # S_A grows with source epochs (docstring: the epoch reading)
     update = cscl.update_thresholds(ctx, gathered)
     assert update["selection_amount"] == pytest.approx(0.5)
     assert update["thresholds"].tolist() == pytest.approx([0.8, 0.7, 1.0])

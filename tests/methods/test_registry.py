@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import tempfile
 
 import pytest
 import torch
 
 import methods
 import search_spaces
-from methods.contract import Method, StepContext
-from platform import tasks
+from methods.contract import Method
+from platform import budgets, config, loop, tasks
 from platform.loop import LocalSession, TrialRunner, TrialSpec
 
 METHOD_DIR = os.path.dirname(methods.__file__)
@@ -34,15 +35,22 @@ def test_registry_fails_loudly():
         methods.make_hyperparams(record, {"lr": 1})
 
 
-def _stage_batch(runner: TrialRunner, stage):
-    source, target = runner._streams(stage)
-    return runner._next_batch(source, target)
+@pytest.mark.parametrize("name", sorted(methods.REGISTRY))
+def test_every_task_a_method_lists_has_a_budget(name):
+    """Share budgets need MAX_STEPS for every task; absolute budgets define the length themselves (one truth)."""
+    method = methods.get(name)
+    space = search_spaces.load(name)
+    for task in method.tasks:
+        resolved = config.resolve(name, task)
+        shares = budgets.uses_shares(method.stages(config.check_hyperparams(method, resolved.base)))
+        assert (resolved.max_steps is not None) == shares, task
+        assert shares or task not in space.max_steps, f"{name}: MAX_STEPS[{task!r}] would be a second budget"
 
 
 @pytest.mark.parametrize("name", sorted(methods.REGISTRY))
 def test_contract(name, data_root):
-    """Build tiny, a few CPU steps of every stage, finite losses, exactly the trained parameters change, state and
-    weights round-trip through torch.save/torch.load(weights_only=True)."""
+    """Build tiny, a few CPU steps of every stage through the loop's own stage set-up, finite losses, exactly the
+    trained parameters change, state and weights round-trip through torch.save/torch.load(weights_only=True)."""
     method: Method = methods.get(name)
     hp_class = method.hyperparams
     assert dataclasses.is_dataclass(hp_class) and hp_class.__dataclass_params__.frozen
@@ -50,57 +58,50 @@ def test_contract(name, data_root):
     space = search_spaces.load(name)
     task = tasks.get(space.default_task)
     assert task.synthetic, "the default task must run on a laptop"
+    stages = method.stages(config.check_hyperparams(method, space.task_defaults.get(task.name, {})))
     spec = TrialSpec(
         method=name,
         task=task.name,
         hyperparams=dict(space.task_defaults.get(task.name, {})),
         seed=0,
-        max_steps=4 * len(method.stages(methods.make_hyperparams(method, {}))),
+        max_steps=4 * len(stages),
         eval_every=1000,
         data_root=data_root,
     )
     runner = TrialRunner(spec, LocalSession())
-    for stage in runner.stages:
-        runner._set_modes(stage)
-        optims = stage.optimizers(runner.hp, runner.modules, 10)
-        ctx = StepContext(
-            hp=runner.hp,
-            info=runner.info,
-            modules=runner.modules,
-            optimizers={n: o.optimizer for n, o in optims.items()},
-            state=runner.state,
-            stage=stage.name,
-            stage_step=0,
-            stage_steps=10,
-            target_epoch=0,
-            generator=runner.generator,
-            device=runner.device,
-        )
-        if stage.target_pass is not None:
-            runner._maybe_target_pass(stage, ctx)
-        before = {k: v.detach().clone() for k, v in runner.modules.state_dict().items()}
-        for step in range(2):
-            ctx.stage_step = step
-            losses = stage.step(ctx, _stage_batch(runner, stage))
-            assert losses and all(torch.isfinite(torch.as_tensor(v)).all() for v in losses.values()), stage.name
-        after = runner.modules.state_dict()
-        for key in before:
-            module = key.split(".")[0]
-            changed = not torch.equal(before[key], after[key])
-            if module not in stage.trains:
-                assert not changed, f"stage {stage.name!r} changed {key} of a module it does not train"
-        for module in stage.trains:
-            assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(module + ".")), module
+    trial, optimisers = runner.trial, loop.Optimisers(runner.trial)
+    with tempfile.TemporaryDirectory() as store_root:
+        passes = loop.TargetPasses(trial, store_root)
+        for index, stage in enumerate(trial.stages):
+            entered = loop.enter_stage(trial, index, optimisers, runner.state, runner.generator)
+            loop.start_stage(entered)
+            if stage.target_pass is not None:
+                passes.run(stage, entered.ctx, runner.progress)
+            loop.set_modes(trial.modules, stage)
+            feed = loop.DataFeed(trial, stage, runner.progress)
+            before = {k: v.detach().clone() for k, v in trial.modules.state_dict().items()}
+            for step in range(2):
+                entered.ctx.stage_step = step
+                losses = stage.step(entered.ctx, feed.next_batch(passes.extras, passes.specs(stage)))
+                assert losses and all(torch.isfinite(torch.as_tensor(v)).all() for v in losses.values()), stage.name
+            after = trial.modules.state_dict()
+            for key in before:
+                module = key.split(".")[0]
+                if module not in stage.trains:
+                    assert torch.equal(before[key], after[key]), f"stage {stage.name!r} changed {key} it does not train"
+            for module in stage.trains:
+                assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(module + ".")), module
     buffer = io.BytesIO()
-    torch.save({"modules": runner.modules.state_dict(), "state": runner.state}, buffer)
+    torch.save({"modules": trial.modules.state_dict(), "state": runner.state}, buffer)
     buffer.seek(0)
     restored = torch.load(buffer, weights_only=True)
-    fresh = method.build(runner.hp, runner.info)
+    fresh = method.build(trial.hp, trial.info)
     fresh.load_state_dict(restored["modules"])
-    images = runner._next_batch(runner._streams(runner.stages[-1])[0], None).source_image[:2]
-    runner.modules.eval()
+    images = loop.DataFeed(trial, dataclasses.replace(trial.stages[-1], uses_target=False), runner.progress)
+    images = images.next_batch(None, {}).source_image[:2]
+    trial.modules.eval()
     fresh.eval()
-    last = runner.stages[-1].name
-    logits = method.predict(runner.hp, runner.modules, images, last)
+    last = trial.positions[-1]
+    logits = method.predict(trial.hp, trial.modules, images, last)
     assert logits.shape == (2, task.info.num_classes, *images.shape[-2:])
-    assert torch.equal(logits, method.predict(runner.hp, fresh, images, last))
+    assert torch.equal(logits, method.predict(trial.hp, fresh, images, last))

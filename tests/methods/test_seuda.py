@@ -9,8 +9,8 @@ import torch
 import methods
 import search_spaces
 from methods import seuda
-from methods.contract import Batch, StepContext, TaskInfo
-from platform import checkpoints, config
+from methods.contract import Batch, SampleImages, StagePosition, TaskInfo
+from platform import checkpoints, config, loop
 from platform.config import UsageError
 from platform.loop import LocalSession, TrialRunner, TrialSpec
 
@@ -91,21 +91,9 @@ def _runner(data_root, **overrides):
 
 
 def _context(runner, stage):
-    runner._set_modes(stage)
-    optims = stage.optimizers(runner.hp, runner.modules, 10)
-    return StepContext(
-        hp=runner.hp,
-        info=runner.info,
-        modules=runner.modules,
-        optimizers={n: o.optimizer for n, o in optims.items()},
-        state=runner.state,
-        stage=stage.name,
-        stage_step=0,
-        stage_steps=10,
-        target_epoch=0,
-        generator=runner.generator,
-        device=runner.device,
-    )
+    """The stage's StepContext through the loop's own stage set-up (modes, optimisers)."""
+    index = runner.stages.index(stage)
+    return loop.enter_stage(runner.trial, index, loop.Optimisers(runner.trial), runner.state, runner.generator).ctx
 
 
 def _batch(generator):
@@ -163,7 +151,7 @@ def test_cyuda_has_no_mask_discriminator_and_baselines_have_one_stage(data_root)
 def test_a_stage_1_checkpoint_is_reused_and_skips_stage_1(data_root, tmp_path):
     first = _runner(data_root, adaptation="none")
     first.run()
-    meta = first._checkpoint_meta(first.stages[0], first.session.reports[-1])
+    meta = first.reporter._checkpoint_meta(first.trial.positions[0], first.session.reports[-1], 1)
     checkpoints.write_weights(str(tmp_path), checkpoints.LAST, first.modules, meta)
     path = str(tmp_path / "last.pt")
     second = _runner(data_root, segmenter_weights=path)
@@ -187,11 +175,13 @@ def test_inference_goes_through_the_translator_and_post_processing(data_root):
     runner = _runner(data_root)
     runner.modules.eval()
     images = torch.rand(2, 1, 64, 64)
-    scores = seuda.predict(runner.hp, runner.modules, images, "translate")
+    scores = seuda.predict(runner.hp, runner.modules, images, StagePosition("translate", 1))
     assert set(scores.unique().tolist()) <= {0.0, 1.0} and torch.all(scores.sum(1) == 1)  # post-processed one-hot
     expected = seuda.segment(runner.modules, seuda.translate(runner.modules, images)).argmax(1)
     cleaned = np.stack([seuda.postprocess(e, 3) for e in expected.numpy()])
     assert np.array_equal(scores.argmax(1).numpy(), cleaned)
-    raw = seuda.predict(runner.hp, runner.modules, images, "segmenter")  # stage 1: T-noDA, raw logits
+    raw = seuda.predict(runner.hp, runner.modules, images, StagePosition("segmenter", 0))  # stage 1: T-noDA, raw logits
     assert torch.equal(raw, seuda.segment(runner.modules, images))
-    assert set(seuda.samples(runner.hp, runner.modules, images, "translate")) == {"target", "target_to_source"}
+    translate = StagePosition("translate", 1)
+    samples = seuda.samples(runner.hp, runner.modules, SampleImages(target=images, source=images), translate)
+    assert set(samples) == {"target", "target_to_source"}

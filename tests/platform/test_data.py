@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import numpy as np
@@ -7,7 +8,10 @@ import torch
 
 from platform import synthetic, tasks
 from platform.datasets import SCHEMA, DatasetNotFoundError, decode_array, encode_array, read_manifest, split_files
+from platform.loop import DataFeed
 from platform.stream import Augment, Policy, TrainStream, augment_sample, decode_row, eval_batches, finish, row_groups
+
+PLACEMENT = {"aug_size", "aug_scale", "aug_crop", "aug_flip"}  # every augmented sample says where it came from
 
 
 def test_synthetic_samples_are_deterministic_and_seed_dependent():
@@ -114,12 +118,12 @@ def test_target_training_stream_carries_no_pixel_labels(data_root):
         data_root=data_root,
     )
     runner = TrialRunner(spec, LocalSession())
-    stage = runner.stages[0]
-    adapted = type(stage)(**{**stage.__dict__, "uses_target": True})
-    _, target = runner._streams(adapted)
-    batch = next(target)
-    assert set(batch) == {"image", "image_labels"}
+    adapted = dataclasses.replace(runner.stages[0], uses_target=True)
+    feed = DataFeed(runner.trial, adapted, runner.progress)
+    batch = next(feed.target)
+    assert set(batch) - PLACEMENT == {"image", "image_labels", "index"}
     assert batch["image_labels"].shape == (1, 2)
+    assert feed.next_batch(None, {}).target_image_label.shape == (1, 2)
 
 
 def test_eval_batches_cover_the_split_once_at_label_resolution(data_root):
@@ -240,8 +244,8 @@ def test_training_batches_reach_the_method_as_float_images_and_int64_labels(data
         data_root=data_root,
     )
     runner = TrialRunner(spec, LocalSession())
-    source, target = runner._streams(type(runner.stages[0])(**{**runner.stages[0].__dict__, "uses_target": True}))
-    batch = runner._next_batch(source, target)
+    feed = DataFeed(runner.trial, dataclasses.replace(runner.stages[0], uses_target=True), runner.progress)
+    batch = feed.next_batch(None, {})
     assert batch.source_image.dtype == torch.float32 and batch.target_image.dtype == torch.float32
     assert batch.source_label.dtype == torch.int64
     assert 0 <= float(batch.source_image.min()) and float(batch.source_image.max()) <= 1

@@ -100,7 +100,7 @@ def test_the_checkpoint_command_reproduces_the_trial_evaluation(data_root, tmp_p
     )
     runner = TrialRunner(spec, session)
     runner.run()
-    meta = runner._checkpoint_meta(runner.stages[0], session.reports[-1])
+    meta = runner.reporter._checkpoint_meta(runner.trial.positions[0], session.reports[-1], 3)
     checkpoints.write_weights(str(tmp_path), checkpoints.BEST, runner.modules, meta)
     path = str(tmp_path / f"{checkpoints.BEST}.pt")
     metrics, _ = evaluate.evaluate_checkpoint(path, data_root=data_root)

@@ -3,8 +3,10 @@ import dataclasses
 import pytest
 import torch
 
+from methods.contract import StagePosition
 from platform import checkpoints
-from platform.loop import LocalSession, NonFiniteLossError, TrialRunner, TrialSpec, split_budget
+from platform.budgets import split_budget
+from platform.loop import LocalSession, NonFiniteLossError, TrialRunner, TrialSpec
 
 
 def spec(data_root, **changes):
@@ -106,7 +108,7 @@ def test_frozen_modules_do_not_change_and_trained_ones_do(data_root):
 def test_weights_checkpoint_round_trip(data_root, tmp_path):
     runner = TrialRunner(spec(data_root, max_steps=2, eval_every=2), LocalSession())
     runner.run()
-    meta = runner._checkpoint_meta(runner.stages[0], {"val_target/miou": 1.0})
+    meta = runner.reporter._checkpoint_meta(runner.trial.positions[0], {"val_target/miou": 1.0}, 2)
     checkpoints.write_weights(str(tmp_path), checkpoints.BEST, runner.modules, meta)
     modules, loaded_meta = checkpoints.load_modules(str(tmp_path / "best_val_target_miou.pt"))
     assert loaded_meta["method"] == "source_only" and loaded_meta["step"] == 2
@@ -117,6 +119,6 @@ def test_weights_checkpoint_round_trip(data_root, tmp_path):
     modules.eval()
     method = runner.method
     assert torch.equal(
-        method.predict(runner.hp, runner.modules, images, "source"),
-        method.predict(runner.hp, modules, images, "source"),
+        method.predict(runner.hp, runner.modules, images, StagePosition("source")),
+        method.predict(runner.hp, modules, images, StagePosition("source")),
     )
