@@ -818,6 +818,7 @@ class TrialRunner:
             self.trial, index, self.optimisers, self.state, self.generator, saved.get("current") if saved else None
         )
         if self.progress.stage_step == 0:
+            passes.extras = None  # a new stage: no maps until its own first pass
             start_stage(entered)
         elif not passes.reopen(entered.stage, self.progress):
             self.progress.last_pass_epoch = -1
