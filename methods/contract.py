@@ -58,6 +58,9 @@ Hyperparams = Any  # each method's own frozen dataclass; typed per method module
 # fields when it rebuilds modules from an adapted checkpoint (the checkpoint already holds every weight).
 WEIGHTS_FILE = "weights file"
 WeightsFile = Annotated[str, WEIGHTS_FILE]
+# The value of a WeightsFile field that asks, explicitly, for random initialisation (e.g. `--set
+# backbone_weights=random` on a paper task whose method starts from ImageNet; see `Method.imagenet_backbone`).
+RANDOM_INIT = "random"
 
 SOURCE, TARGET = "source", "target"
 Split = Literal["source", "target"]
@@ -367,6 +370,10 @@ class Method:
     # (hp, modules, images, stage) -> named image batches (N, C, H, W) in [0, 1] (translated images, pseudo-label
     # maps) that the platform logs as MLflow artifacts at every evaluation; None or {} logs nothing
     samples: Callable[[Hyperparams, nn.ModuleDict, SampleImages, StagePosition], Mapping[str, Tensor]] | None = None
+    # True where the paper starts its backbone from ImageNet weights (`backbone_weights`): on a paper task the
+    # platform then refuses an empty `backbone_weights` before anything starts, naming the torchvision file to pass,
+    # unless the user asks for random weights explicitly (RANDOM_INIT). Synthetic tasks train from scratch.
+    imagenet_backbone: bool = False
 
 
 def require(condition: bool, message: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import methods
 import search_spaces
-from methods.contract import Method, weights_file_fields
+from methods.contract import RANDOM_INIT, Method, weights_file_fields
 from platform import budgets, tasks
 from platform.tasks import Task
 from search_spaces import SEED_AXIS, SearchSpace
@@ -127,8 +127,11 @@ def check_hyperparams(method: Method, values: Mapping[str, Any]) -> Any:
 
 
 def check_weights_files(method: Method, task: Task, values: Mapping[str, Any]) -> None:
-    """Every non-empty WeightsFile field must name an existing file that fits the modules (built once here)."""
-    given = {name: values[name] for name in weights_file_fields(method.hyperparams) if values.get(name)}
+    """Every non-empty WeightsFile field must name an existing file that fits the modules (built once here); a
+    method that starts from ImageNet needs its backbone weights on a paper task (or an explicit `random`)."""
+    check_imagenet_backbone(method, task, values)
+    fields = weights_file_fields(method.hyperparams)
+    given = {name: values[name] for name in fields if values.get(name) and values[name] != RANDOM_INIT}
     if not given:
         return
     for name, path in given.items():
@@ -138,6 +141,22 @@ def check_weights_files(method: Method, task: Task, values: Mapping[str, Any]) -
         method.build(check_hyperparams(method, values), task.info)
     except (ValueError, RuntimeError, OSError) as error:
         raise UsageError(f"{', '.join(f'{k}={v}' for k, v in given.items())} cannot be loaded: {error}") from None
+
+
+def check_imagenet_backbone(method: Method, task: Task, values: Mapping[str, Any]) -> None:
+    if not method.imagenet_backbone or task.synthetic:
+        return
+    hp = check_hyperparams(method, values)
+    if getattr(hp, "backbone_weights", RANDOM_INIT) != "":
+        return
+    from methods.shared.segmenter import IMAGENET_FILES
+
+    file = IMAGENET_FILES.get(getattr(hp, "architecture", ""), "the torchvision ImageNet weights of the backbone")
+    raise UsageError(
+        f"{method.name} starts from ImageNet weights on {task.name} (its paper's setting): pass --set "
+        f"backbone_weights=/path/to/{file} (https://download.pytorch.org/models/{file}), or --set "
+        f"backbone_weights={RANDOM_INIT} to train from random weights on purpose"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- --set key=value

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.contract import Optim, TaskInfo, WeightsFile, require
+from methods.contract import RANDOM_INIT, Optim, TaskInfo, WeightsFile, require
 from methods.shared.optim import poly_schedule, segmenter_sgd
 from methods.shared.segmenter import ARCHITECTURES, Segmenter, build_segmenter
 
@@ -18,7 +18,8 @@ from methods.shared.segmenter import ARCHITECTURES, Segmenter, build_segmenter
 @dataclass(frozen=True)
 class SegmenterRecipe:
     architecture: str = "deeplabv2_resnet101"  # E + C: DeepLab-v2 ResNet-101 (CSCL Sec. 3.5, CIRN Impl. details)
-    backbone_weights: WeightsFile = ""  # ImageNet-pretrained backbone, torchvision format, by path (all papers)
+    # ImageNet-pretrained backbone, torchvision format, by path (all papers); "random": random init on purpose
+    backbone_weights: WeightsFile = ""
     freeze_batchnorm: bool = True  # batch size 1: batch-norm statistics stay as loaded (DeepLab-v2 convention)
     learning_rate: float = 2.5e-4  # SGD initial learning rate (CSCL Sec. 3.5, CIRN Impl. details)
     momentum: float = 0.9  # CIRN Impl. details
@@ -46,7 +47,8 @@ class SegmenterRecipe:
 
 
 def recipe_segmenter(hp: SegmenterRecipe, info: TaskInfo) -> Segmenter:
-    return build_segmenter(hp.architecture, info, hp.backbone_weights, hp.freeze_batchnorm)
+    weights = "" if hp.backbone_weights == RANDOM_INIT else hp.backbone_weights
+    return build_segmenter(hp.architecture, info, weights, hp.freeze_batchnorm)
 
 
 def recipe_optim(hp: SegmenterRecipe, segmenter: Segmenter, num_steps: int) -> Optim:

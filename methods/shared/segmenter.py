@@ -378,3 +378,14 @@ def low_level_channels(segmenter: Segmenter) -> int:
     if isinstance(encoder, TinyEncoder):
         return encoder.layers[1][0].out_channels
     raise ValueError(f"no bottom-block features for a {type(encoder).__name__} encoder (ResNet and tiny have them)")
+
+
+# The torchvision ImageNet file each architecture's backbone loads (https://download.pytorch.org/models/<file>), for
+# the one-line error that asks for it on paper tasks (contract.Method.imagenet_backbone).
+IMAGENET_FILES = {
+    "deeplabv2_resnet101": "resnet101-63fe2227.pth",
+    "deeplabv2_resnet101_aspp_first_two": "resnet101-63fe2227.pth",
+    "deeplabv3_resnet101": "resnet101-63fe2227.pth",
+    "deeplabv3_resnet50": "resnet50-0676ba61.pth",
+    "fcn8s_vgg16": "vgg16-397923af.pth",
+}

@@ -12,7 +12,7 @@ import torch
 
 import methods
 import search_spaces
-from methods.contract import Method
+from methods.contract import RANDOM_INIT, Method
 from platform import budgets, config, loop, tasks
 from platform.loop import LocalSession, TrialRunner, TrialSpec
 
@@ -35,13 +35,18 @@ def test_registry_fails_loudly():
         methods.make_hyperparams(record, {"lr": 1})
 
 
+def paper_task_overrides(method: Method, task: str) -> dict:
+    """What a paper task needs from a user before anything starts: the ImageNet weights (random init, explicitly)."""
+    return {"backbone_weights": RANDOM_INIT} if method.imagenet_backbone and not tasks.get(task).synthetic else {}
+
+
 @pytest.mark.parametrize("name", sorted(methods.REGISTRY))
 def test_every_task_a_method_lists_has_a_budget(name):
     """Share budgets need MAX_STEPS for every task; absolute budgets define the length themselves (one truth)."""
     method = methods.get(name)
     space = search_spaces.load(name)
     for task in method.tasks:
-        resolved = config.resolve(name, task)
+        resolved = config.resolve(name, task, paper_task_overrides(method, task))
         shares = budgets.uses_shares(method.stages(config.check_hyperparams(method, resolved.base)))
         assert (resolved.max_steps is not None) == shares, task
         assert shares or task not in space.max_steps, f"{name}: MAX_STEPS[{task!r}] would be a second budget"

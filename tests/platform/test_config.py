@@ -122,3 +122,23 @@ def test_trial_resources_and_concurrency_count_the_same_cpus_for_both_runners():
     assert cluster.max_concurrent_trials(local, 1, 1, 0) == 2
     assert cluster.max_concurrent_trials(local, 2, 1, 0) == 1
     assert cluster.max_concurrent_trials(cluster.Resources(cpus=64, gpus=8), 1, 4, 1) == 8
+
+
+def test_imagenet_backbones_are_required_on_paper_tasks_unless_random_is_asked_for(monkeypatch):
+    """Issue 19 item 2: a method that starts from ImageNet must not silently train a paper task from random weights."""
+    import dataclasses
+
+    from methods.contract import RANDOM_INIT
+
+    record = dataclasses.replace(methods.get("cscl"), imagenet_backbone=True)
+    monkeypatch.setattr(methods, "REGISTRY", {**methods.REGISTRY, "cscl": record})
+    with pytest.raises(config.UsageError) as error:
+        config.resolve("cscl", "gta5-cityscapes")
+    message = str(error.value)
+    assert "\n" not in message and "--set backbone_weights=/path/to/resnet101-63fe2227.pth" in message
+    assert f"backbone_weights={RANDOM_INIT}" in message
+    with pytest.raises(config.UsageError, match="vgg16-397923af.pth"):
+        config.resolve("cscl", "gta5-cityscapes", {"architecture": "fcn8s_vgg16"})
+    config.resolve("cscl", "gta5-cityscapes", {"backbone_weights": RANDOM_INIT})  # explicit opt-out
+    config.resolve("cscl", "synthetic-urban")  # synthetic tasks train the tiny network from scratch
+    assert not methods.get("seuda").imagenet_backbone  # SeUDA's segmenter trains from scratch, as its paper does

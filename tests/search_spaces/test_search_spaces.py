@@ -10,6 +10,7 @@ import pytest
 import methods
 import search_spaces
 from platform import config, tasks
+from tests.methods.test_registry import paper_task_overrides
 
 SPACE_DIR = os.path.dirname(search_spaces.__file__)
 
@@ -37,7 +38,7 @@ def test_search_space_fits_the_method(name):
         for point in space.grid_points(grid):
             assert set(point) <= fields | {search_spaces.SEED_AXIS}, grid
     for task in method.tasks:  # every grid and range is valid on every task the method lists
-        resolved = config.resolve(name, task)
+        resolved = config.resolve(name, task, paper_task_overrides(method, task))
         for grid in space.grids:
             config.plan_sweep(resolved, grid, None, None, (0,), [])
         if space.ranges:
