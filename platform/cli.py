@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from platform import cluster, config, tasks, tracking
+from platform import cluster, config, preflight, tasks, tracking
 from platform.config import Resolved, Sweep, UsageError
 from platform.datasets import DatasetNotFoundError, resolve_root
 from platform.loop import PRIMARY_METRIC
@@ -464,21 +464,29 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     costs = probe_costs(plan, steps[0])
-
-    cluster.connect(plan.args.address)
-    available = cluster.resources()
-    if (
-        plan.args.gpus_per_worker > 0
-        and available.gpus < plan.args.workers * plan.args.gpus_per_worker
-        and plan.args.address is None
-        and not cluster.in_ray_job()
-    ):
-        print(
-            f"error: a trial needs {plan.args.workers * plan.args.gpus_per_worker:g} GPU(s) and this machine's Ray "
-            f"cluster has {available.gpus:g}; lower --gpus-per-worker or pass --address of a GPU cluster",
-            file=sys.stderr,
-        )
+    address = plan.args.address or os.environ.get("RAY_ADDRESS") or None
+    try:  # before Ray starts: nothing is left behind when one fails
+        preflight.check_tracking(plan.tracking_uri)
+        preflight.check_storage(plan.storage_path)
+        preflight.check_address(address)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
+    cluster.connect(plan.args.address)
+    request = preflight.trial_request(
+        plan.runner == config.INLINE,
+        plan.args.workers,
+        plan.args.cpus_per_worker,
+        plan.args.gpus_per_worker,
+        cluster.TRIAL_DRIVER_CPUS,
+    )
+    try:
+        preflight.check_placement(request, cluster.node_resources, may_grow=address is not None or cluster.in_ray_job())
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        cluster.disconnect()
+        return 2
+    available = cluster.resources()
     concurrency = cluster.max_concurrent_trials(
         available, plan.args.workers, plan.args.cpus_per_worker, plan.args.gpus_per_worker
     )
@@ -541,13 +549,13 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
         cluster.trial_resources(inline, plan.args.workers, plan.args.cpus_per_worker, plan.args.gpus_per_worker),
     )
     experiment_path = os.path.join(plan.storage_path, plan.name)
-    if not plan.args.resume:
-        save_sweep_args(plan.args, plan.storage_path, plan.name)
     # Ctrl-C must reach this driver as KeyboardInterrupt: Tune's own SIGINT handler ends fit() normally and returns
     # results that look finished. Tune saves its experiment state periodically, so --resume still works.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     status, results = "FAILED", None
-    try:
+    try:  # from here on, whatever fails, the parent run ends (never left RUNNING)
+        if not plan.args.resume:
+            save_sweep_args(plan.args, plan.storage_path, plan.name)
         if plan.args.resume and tune.Tuner.can_restore(experiment_path):
             tuner = tune.Tuner.restore(
                 experiment_path,

@@ -86,6 +86,17 @@ class Resources:
     gpus: float
 
 
+def node_resources() -> list[dict[str, float]]:
+    """Each alive node's total resources (what one trial's bundles must fit into: preflight.check_placement)."""
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def disconnect() -> None:
+    """Leave (or, for a local cluster this process started, stop) Ray."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def resources() -> Resources:
     total = ray.cluster_resources()
     return Resources(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0))

@@ -39,6 +39,7 @@ from platform.datasets import (
     DatasetNotFoundError,
     Manifest,
     SplitInfo,
+    damaged_shards,
     finalize,
     read_manifest,
     resolve_root,
@@ -112,11 +113,16 @@ def convert(
     try:
         existing = read_manifest(root, name)
         if existing.source == signature:
-            print(
-                f"{out} is already converted ({sum(s.count for s in existing.splits.values())} images); nothing to do",
-                file=sys.stderr,
-            )
-            return existing
+            damaged = damaged_shards(root, existing, checksums=True)
+            count = sum(s.count for s in existing.splits.values())
+            if not damaged:
+                print(
+                    f"{out} is already converted ({count} images, {len(existing.shards)} shards verified); "
+                    "nothing to do",
+                    file=sys.stderr,
+                )
+                return existing
+            return _repair(converter, dataset, source, out, options, limit, workers, codec, existing, damaged)
     except DatasetNotFoundError:
         pass
     samples = converter.scan(source, options)
@@ -176,6 +182,45 @@ def convert(
     for item in manifest.skipped:
         print(f"skipped {item['split']}/{item['id']}: {item['reason']}", file=sys.stderr)
     return manifest
+
+
+def _repair(
+    converter: Converter,
+    dataset: str,
+    source: str,
+    out: str,
+    options: dict[str, Any],
+    limit: int | None,
+    workers: int,
+    codec: str,
+    existing: Manifest,
+    damaged: list[tuple[str, str]],
+) -> Manifest:
+    """Re-encode the samples of each damaged shard (the same scan, the same shard plan) and write it again; the
+    encoding is deterministic, so the repaired shard must match the manifest's checksum."""
+    samples = converter.scan(source, options)
+    if limit:
+        samples = [s for chunks in _shards(samples, shard_rows=limit).values() for s in chunks[0]]
+    plan = {
+        os.path.join(split, f"part-{i:05d}.parquet"): chunk
+        for split, chunks in _shards(samples).items()
+        for i, chunk in enumerate(chunks)
+    }
+    class_count = len(converter.class_names())
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        for relative, reason in damaged:
+            print(f"repairing {relative} ({reason})", file=sys.stderr)
+            jobs = [(dataset, s, options, class_count, codec) for s in plan[relative]]
+            rows = [r["row"] for r in pool.map(_encode, jobs, chunksize=4) if "row" in r]
+            write_shard(os.path.join(out, relative), rows, ROWS_PER_GROUP)
+    still = damaged_shards(os.path.dirname(out), existing, checksums=True)
+    if still:
+        raise ConversionError(
+            f"{still[0][0]} differs from the manifest after re-encoding ({still[0][1]}): the source changed since "
+            f"the conversion; convert it again into a new folder"
+        )
+    print(f"{out}: {len(damaged)} damaged shard(s) rewritten and verified", file=sys.stderr)
+    return existing
 
 
 def _manifest(

@@ -68,6 +68,10 @@ class DatasetNotFoundError(FileNotFoundError):
         return str(self.args[0])
 
 
+class DamagedDatasetError(DatasetNotFoundError):
+    """A shard is missing, truncated or altered; the message names it and the command that repairs it."""
+
+
 @dataclass
 class SplitInfo:
     count: int
@@ -91,6 +95,9 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)  # how it was produced (converter, generator + seed)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # samples left out, with the reason
     format_version: int = FORMAT_VERSION
+    # every shard's size and checksum, {relative path: {"bytes": n, "sha256": hex}}: `damaged_shards` compares them
+    # (sizes before every sweep, checksums when `convert` runs again); empty in manifests written before 2026-12
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -287,18 +294,51 @@ class SplitWriter:
 
 
 def finalize(out_dir: str, manifest: Manifest) -> Manifest:
-    """Fingerprint the shards and write manifest.json last (atomically): from here on the dataset is complete."""
+    """Fingerprint the shards, record each one's size and checksum, and write manifest.json last (atomically): from
+    here on the dataset is complete."""
     digest = hashlib.sha256()
+    manifest.shards = {}
     for split in sorted(manifest.splits):
         for relative in manifest.splits[split].files:
+            path = os.path.join(out_dir, relative)
+            checksum = _file_sha256(path)
             digest.update(relative.encode())
-            digest.update(_file_sha256(os.path.join(out_dir, relative)).encode())
+            digest.update(checksum.encode())
+            manifest.shards[relative] = {"bytes": os.path.getsize(path), "sha256": checksum}
     manifest.fingerprint = "sha256:" + digest.hexdigest()
     temporary = os.path.join(out_dir, "manifest.json.tmp")
     with open(temporary, "w") as handle:
         handle.write(manifest.to_json())
     os.replace(temporary, os.path.join(out_dir, "manifest.json"))
     return manifest
+
+
+def damaged_shards(root: str, manifest: Manifest, checksums: bool = False) -> list[tuple[str, str]]:
+    """(relative path, what is wrong) for every shard of the dataset whose file is missing or whose size (and, with
+    `checksums`, sha256) differs from the manifest's record. Sizes cost one stat per shard (local) or one metadata
+    request (URIs); checksums read every byte."""
+    base = dataset_dir(root, manifest.name)
+    damaged = []
+    for relative, record in sorted(manifest.shards.items()):
+        path = join(base, *relative.split("/"))
+        size = _size(path)
+        if size is None:
+            damaged.append((relative, "missing"))
+        elif size != record["bytes"]:
+            damaged.append((relative, f"{size} bytes, the manifest says {record['bytes']}"))
+        elif checksums and not is_uri(path) and _file_sha256(path) != record["sha256"]:
+            damaged.append((relative, "its checksum differs from the manifest's"))
+    return damaged
+
+
+def _size(path: str) -> int | None:
+    if not is_uri(path):
+        return os.path.getsize(path) if os.path.isfile(path) else None
+    import pyarrow.fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    info = filesystem.get_file_info(inner)
+    return info.size if info.type == pafs.FileType.File else None
 
 
 def iter_rows(path: str, columns: list[str]) -> Iterator[dict[str, Any]]:

@@ -74,16 +74,40 @@ def evaluate_checkpoint(
     return metrics, meta
 
 
+def _weights(source: str, which: str, tracking_uri: str | None) -> str:
+    """A weights file on disk, or the `which` checkpoint of MLflow run `source`, downloaded."""
+    if os.path.isfile(source):
+        return source
+    if source.endswith(".pt") or os.sep in source:
+        raise EvaluationError(f"no such checkpoint file {source!r} (give a .pt path or an MLflow run id)")
+    return _download(source, which, tracking_uri)
+
+
 def _download(run_id: str, which: str, tracking_uri: str | None) -> str:
     from mlflow.tracking import MlflowClient
 
     from platform import tracking
 
-    client = MlflowClient(tracking_uri or tracking.default_tracking_uri())
     kind = checkpoints.BEST if which == "best" else checkpoints.LAST
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or tracking.default_tracking_uri()
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///") :]):
+        raise EvaluationError(f"no MLflow store at {uri} (check --tracking-uri, or give the checkpoint's .pt path)")
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise EvaluationError(f"no MLflow run {run_id!r} in {uri} (check the run id and --tracking-uri)") from None
     directory = tempfile.mkdtemp(prefix="uda-eval-")
     for suffix in (".pt", ".json"):
-        client.download_artifacts(run_id, f"{checkpoints.ARTIFACT_DIR}/{kind}{suffix}", directory)
+        try:
+            client.download_artifacts(run_id, f"{checkpoints.ARTIFACT_DIR}/{kind}{suffix}", directory)
+        except (MlflowException, OSError):
+            raise EvaluationError(
+                f"MLflow run {run_id} has no {checkpoints.ARTIFACT_DIR}/{kind}{suffix} (a trial run logs it at its "
+                "first evaluation; a sweep's parent run has none)"
+            ) from None
     return os.path.join(directory, checkpoints.ARTIFACT_DIR, f"{kind}.pt")
 
 
@@ -128,16 +152,35 @@ def pair_files(predictions: str, ground_truth: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def evaluate_folders(predictions: str, ground_truth: str, label_format: str, task: tasks.Task) -> dict[str, float]:
-    num_classes = task.info.num_classes
+def _to_train_ids(label_format: str, num_classes: int):
+    """labelIds → trainIds through the official table (255 = not evaluated); trainIds are checked to be < K or 255."""
     if label_format == "labelIds":
-        mapping, valid = cityscapes_label_ids()
+        mapping, _ = cityscapes_label_ids()
         table = np.full(256, 255, dtype=np.int64)
         for label_id, train_id in mapping.items():
             table[label_id] = train_id
-        to_train = lambda a: table[a]
-    else:
-        to_train = lambda a: a.astype(np.int64)
+        return lambda array, path: table[array]
+
+    def checked(array: np.ndarray, path: str) -> np.ndarray:
+        values = array.astype(np.int64)
+        bad = np.unique(values[(values >= num_classes) & (values != 255)])
+        if bad.size:
+            raise EvaluationError(
+                f"{path} holds ids {bad[:5].tolist()} that are not trainIds (0-{num_classes - 1}, 255): is it in "
+                "labelIds? then use --format labelIds (predictions) or --gt-format labelIds (ground truth)"
+            )
+        return values
+
+    return checked
+
+
+def evaluate_folders(
+    predictions: str, ground_truth: str, label_format: str, task: tasks.Task, truth_format: str = "labelIds"
+) -> dict[str, float]:
+    """`label_format`: the predictions' ids; `truth_format`: the ground truth's (the official files: labelIds)."""
+    num_classes = task.info.num_classes
+    predicted_to_train = _to_train_ids(label_format, num_classes)
+    truth_to_train = _to_train_ids(truth_format, num_classes)
     matrix = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64)
     for prediction_path, truth_path in pair_files(predictions, ground_truth):
         prediction, truth = _read(prediction_path), _read(truth_path)
@@ -146,10 +189,10 @@ def evaluate_folders(predictions: str, ground_truth: str, label_format: str, tas
                 f"{prediction_path} is {prediction.shape[1]}x{prediction.shape[0]} but "
                 f"{truth_path} is {truth.shape[1]}x{truth.shape[0]}"
             )
-        predicted = to_train(prediction)
+        predicted = predicted_to_train(prediction, prediction_path)
         predicted[predicted == 255] = num_classes  # a class that is not evaluated: the void column
         matrix += confusion_matrix(
-            torch.from_numpy(predicted), torch.from_numpy(to_train(truth)), num_classes, void=True
+            torch.from_numpy(predicted), torch.from_numpy(truth_to_train(truth, truth_path)), num_classes, void=True
         )
     return segmentation_metrics(matrix, task.info.class_names, "eval", task.eval_classes, task.class_subsets)
 
@@ -202,16 +245,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     folders = commands.add_parser("folders")
     folders.add_argument("predictions")
     folders.add_argument("ground_truth")
-    folders.add_argument("--format", choices=("labelIds", "trainIds"), default="labelIds")
+    folders.add_argument(
+        "--format", choices=("labelIds", "trainIds"), default="labelIds", help="the predictions' ids (default labelIds)"
+    )
+    folders.add_argument(
+        "--gt-format",
+        choices=("labelIds", "trainIds"),
+        default="labelIds",
+        help="the ground truth's ids (default labelIds: the official gtFine files)",
+    )
     folders.add_argument("--task", default="gta5-cityscapes", choices=sorted(tasks.TASKS))
     try:
         args = parser.parse_args(argv)
         if args.command == "folders":
             task = tasks.get(args.task)
-            metrics = evaluate_folders(args.predictions, args.ground_truth, args.format, task)
+            metrics = evaluate_folders(args.predictions, args.ground_truth, args.format, task, args.gt_format)
             print(table(metrics))
             return 0
-        weights = args.source if os.path.isfile(args.source) else _download(args.source, args.which, args.tracking_uri)
+        weights = _weights(args.source, args.which, args.tracking_uri)
         metrics, meta = evaluate_checkpoint(weights, args.split, args.data_root, args.batch_size)
         print(f"{meta['method']} on {meta['task']} ({meta['kind']} checkpoint, step {meta['step']}), {args.split}:")
         print(table(metrics))
@@ -226,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (EvaluationError, DatasetNotFoundError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a truncated or corrupt shard (named by platform.stream), an unreadable file
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from dataclasses import dataclass
 
 from methods.contract import TaskInfo
 from platform import synthetic
-from platform.datasets import DatasetNotFoundError, is_uri, join, read_manifest, resolve_root
+from platform.datasets import (
+    DamagedDatasetError,
+    DatasetNotFoundError,
+    Manifest,
+    damaged_shards,
+    is_uri,
+    join,
+    read_manifest,
+    resolve_root,
+)
 
 
 @dataclass(frozen=True)
@@ -235,6 +245,9 @@ def prepare(task: Task, data_root: str) -> dict[str, str]:
     for dataset in task.datasets:
         if task.synthetic and not is_uri(data_root):
             manifest = synthetic.ensure(data_root, dataset)
+            if not manifest.shards or damaged_shards(data_root, manifest):  # written before shard records, or hurt
+                shutil.rmtree(join(data_root, dataset))
+                manifest = synthetic.ensure(data_root, dataset)
         elif task.synthetic:
             try:
                 manifest = read_manifest(data_root, dataset)
@@ -253,8 +266,33 @@ def prepare(task: Task, data_root: str) -> dict[str, str]:
                     f"download with: python -m platform.data convert {converter_for(dataset)} SRC_DIR "
                     f"{join(data_root, dataset)}"
                 ) from None
+        if not task.synthetic:
+            _check_shards(data_root, manifest)
         fingerprints[dataset] = manifest.fingerprint
     return fingerprints
+
+
+def _check_shards(data_root: str, manifest: Manifest) -> None:
+    """Every shard as large as the manifest says (one stat each); else the damaged one and how to repair it."""
+    damaged = damaged_shards(data_root, manifest)
+    if damaged:
+        relative, reason = damaged[0]
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise DamagedDatasetError(
+            f"dataset {manifest.name!r} under {data_root} has a damaged shard {relative}: {reason}{more}; repair it "
+            f"with: {repair_command(manifest, join(data_root, manifest.name))}"
+        )
+
+
+def repair_command(manifest: Manifest, out: str) -> str:
+    """The `convert` command that made the dataset (same source and options): run again, it rewrites damaged shards."""
+    source = manifest.source
+    if "converter" not in source:
+        return f"python -m platform.data convert {converter_for(manifest.name)} SRC_DIR {out}"
+    flags = [f"--{key} {value}" for key, value in sorted(source.get("options", {}).items())]
+    flags += [f"--limit {source['limit']}"] if source.get("limit") else []
+    flags += [f"--codec {source['codec']}"] if source.get("codec") else []
+    return " ".join(["python -m platform.data convert", source["converter"], source["source"], out, *flags])
 
 
 def runtime_info(task: Task, data_root: str) -> TaskInfo:

@@ -165,3 +165,99 @@ def test_resume_with_a_different_setting_is_one_line_exit_2(tmp_path, capsys):
     assert (
         "--resume continues sweep 's1' with the settings it started with; drop --max-steps 30 (the sweep has 20)" in err
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("where", ["tracking", "storage", "address"])
+def test_unreachable_services_fail_fast_before_ray_starts(where, tmp_path, capsys, data_root):
+    """Issue 19 item 6: an MLflow server that does not answer, a storage path that cannot be written, a Ray head
+    that does not answer: one line, exit 2, no Ray, no MLflow store, no results folder, within seconds."""
+    import time
+
+    store, storage = tmp_path / "mlflow.db", tmp_path / "results"
+    (tmp_path / "a-file").write_text("not a folder")
+    tracking = f"http://127.0.0.1:{_free_port()}" if where == "tracking" else f"sqlite:///{store}"
+    storage_path = str(tmp_path / "a-file" / "results") if where == "storage" else str(storage)
+    address = ["--address", f"127.0.0.1:{_free_port()}"] if where == "address" else []
+    started = time.monotonic()
+    code = cli.main(
+        ["source_only", "--max-steps", "2", "--tracking-uri", tracking, "--storage-path", storage_path, *address]
+        + ["--data-root", data_root]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    expected = {
+        "tracking": "cannot reach the MLflow tracking server at http://127.0.0.1:",
+        "storage": f"--storage-path {storage_path} cannot be written",
+        "address": "cannot reach the Ray cluster at 127.0.0.1:",
+    }[where]
+    assert expected in err, err
+    assert time.monotonic() - started < 60  # bounded waits, not Ray's own retries for minutes
+    assert not store.exists() and not storage.exists() and not ray.is_initialized()
+
+
+def test_placement_decision_on_fixed_and_growing_clusters():
+    """What no node can ever hold is an error on a fixed cluster; a cluster that may grow gets a bounded wait."""
+    from platform import preflight
+    from platform.config import UsageError
+
+    two_cpus = [{"CPU": 3.0}]  # a local 2-core cluster: one logical CPU more for the trial drivers' tokens
+    three_workers = preflight.trial_request(False, 3, 1, 0, 0.01)
+    assert preflight.placement(three_workers, two_cpus, may_grow=False) == "never"
+    assert preflight.placement(three_workers, two_cpus, may_grow=True) == "wait"
+    assert preflight.placement(preflight.trial_request(False, 2, 1, 0, 0.01), two_cpus, False) == "ok"
+    assert preflight.placement(preflight.trial_request(True, 1, 3, 0, 0.01), two_cpus, False) == "never"  # 3.01
+    gpu = preflight.trial_request(True, 1, 1, 1, 0.01)
+    assert preflight.placement(gpu, two_cpus, False) == "never"
+    assert preflight.placement(gpu, [{"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}], False) == "ok"
+    spread = preflight.trial_request(False, 2, 4, 1, 0.01)  # two GPU workers fit only on two nodes
+    assert preflight.fits(spread, [{"CPU": 5.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}])
+    assert not preflight.fits(spread, [{"CPU": 9.0, "GPU": 1.0}])
+    with pytest.raises(UsageError, match=r"a trial asks for 1 x \{CPU: 0.01\} \+ 3 x \{CPU: 1\} \(3.01 CPU in all\) and the cluster has 1 node\(s\): 3 CPU"):
+        preflight.check_placement(three_workers, lambda: two_cpus, may_grow=False)
+    warnings, nodes = [], [two_cpus, two_cpus, [{"CPU": 3.0}, {"CPU": 2.0}]]  # a node joins on the third look
+    preflight.check_placement(
+        three_workers,
+        lambda: nodes.pop(0) if len(nodes) > 1 else nodes[0],
+        may_grow=True,
+        wait_s=5,
+        pause_s=0.01,
+        warn=warnings.append,
+    )
+    assert len(warnings) == 1 and "waiting up to 5 s for the autoscaler" in warnings[0]
+    with pytest.raises(UsageError):
+        preflight.check_placement(
+            three_workers, lambda: two_cpus, may_grow=True, wait_s=0.05, pause_s=0.01, warn=warnings.append
+        )
+
+
+@pytest.mark.integration
+def test_workers_no_node_can_hold_fail_in_one_line_and_stop_ray(tmp_path, capsys, data_root):
+    """--workers 3 on this 2-core machine's local cluster: Train's worker group used to time out and retry for ten
+    minutes; now one line and exit 2 before any trial, with the local Ray stopped and no MLflow store."""
+    store, storage = tmp_path / "mlflow.db", tmp_path / "results"
+    code = cli.main(
+        [
+            "source_only",
+            "--workers",
+            "3",
+            "--max-steps",
+            "2",
+            "--tracking-uri",
+            f"sqlite:///{store}",
+            "--storage-path",
+            str(storage),
+            "--data-root",
+            data_root,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0 and "a trial asks for" in err and "lower --workers" in err, err
+    assert not store.exists() and not storage.exists() and not ray.is_initialized()

@@ -289,3 +289,37 @@ def test_limit_converts_the_first_images_of_each_split(tmp_path):
     manifest = _convert("gta5", tmp_path / "g", tmp_path / "lim", limit=2)
     assert manifest.splits["train"].count == 2
     assert set(_rows(str(tmp_path / "lim"), "train")) == {"00000", "00001"}
+
+
+def test_a_damaged_shard_is_named_before_a_sweep_and_convert_again_repairs_it(tmp_path, capsys):
+    """Issue 19 item 7: the manifest records each shard's size and checksum; preparing a task checks the sizes and
+    names a damaged shard with the command that repairs it; `convert` again verifies the checksums and rewrites it."""
+    from platform import tasks
+    from platform.datasets import DamagedDatasetError, damaged_shards, read_manifest
+
+    for index in range(3):
+        _png(tmp_path / "g" / "images" / f"{index:05d}.png", _rgb(4, 4))
+        _png(tmp_path / "g" / "labels" / f"{index:05d}.png", np.full((4, 4), 7, np.uint8))
+    manifest = _convert("gta5", tmp_path / "g", tmp_path / "r" / "gta5")
+    shard = tmp_path / "r" / "gta5" / "train" / "part-00000.parquet"
+    assert manifest.shards["train/part-00000.parquet"]["bytes"] == shard.stat().st_size
+    original = shard.read_bytes()
+    shard.write_bytes(original[: len(original) // 2])
+    task = tasks.get("gta5-cityscapes")
+    with pytest.raises(DamagedDatasetError) as error:
+        tasks._check_shards(str(tmp_path / "r"), read_manifest(str(tmp_path / "r"), "gta5"))
+    message = str(error.value)
+    assert "has a damaged shard train/part-00000.parquet" in message and "\n" not in message
+    assert f"python -m platform.data convert gta5 {tmp_path / 'g'} {tmp_path / 'r' / 'gta5'} --codec zstd" in message
+    assert task.source_train.dataset == "gta5"
+    # same size, one byte changed: sizes pass (cheap), checksums do not
+    shard.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    assert damaged_shards(str(tmp_path / "r"), manifest) == []
+    assert damaged_shards(str(tmp_path / "r"), manifest, checksums=True)[0][0] == "train/part-00000.parquet"
+    shard.write_bytes(original[:100])
+    capsys.readouterr()
+    repaired = _convert("gta5", tmp_path / "g", tmp_path / "r" / "gta5")
+    assert "repairing train/part-00000.parquet" in capsys.readouterr().err
+    assert shard.read_bytes() == original and repaired.fingerprint == manifest.fingerprint
+    _convert("gta5", tmp_path / "g", tmp_path / "r" / "gta5")
+    assert "1 shards verified); nothing to do" in capsys.readouterr().err

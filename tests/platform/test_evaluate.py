@@ -64,7 +64,7 @@ def test_synthia_16_and_13_class_scores_come_from_one_matrix(tmp_path):
         os.makedirs(tmp_path / folder)
         Image.fromarray(array).save(tmp_path / folder / "a.png")
     task = tasks.get("synthia-cityscapes")
-    metrics = evaluate.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"), "trainIds", task)
+    metrics = evaluate.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"), "trainIds", task, "trainIds")
     valid = truth != 255
     ious = []
     for k in range(19):  # an independent per-class count
@@ -109,3 +109,78 @@ def test_the_checkpoint_command_reproduces_the_trial_evaluation(data_root, tmp_p
     assert "miou" in capsys.readouterr().out
     assert evaluate.main(["checkpoint", path, "--split", "test", "--data-root", data_root]) == 2
     assert "has no test split" in capsys.readouterr().err
+
+
+def test_trainids_predictions_against_official_labelids_ground_truth(tmp_path):
+    """The usual pairing (issue 19 item 9): a model writes trainIds, the official gtFine files are labelIds. The
+    scores equal the labelIds-vs-labelIds scores of the same predictions."""
+    pairs = _tree(tmp_path, np.random.default_rng(3))
+    from cityscapesscripts.helpers.labels import id2label as table
+
+    for prediction_path, _ in pairs:  # rewrite the predictions as trainIds (classes not evaluated → 255)
+        label_ids = np.asarray(Image.open(prediction_path))
+        train_ids = np.vectorize(lambda i: table[int(i)].trainId if 0 <= table[int(i)].trainId < 255 else 255)(
+            label_ids
+        )
+        os.makedirs(tmp_path / "pred-train", exist_ok=True)
+        Image.fromarray(train_ids.astype(np.uint8)).save(tmp_path / "pred-train" / os.path.basename(prediction_path))
+    task = tasks.get("gta5-cityscapes")
+    reference = evaluate.evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gtFine"), "labelIds", task)
+    ours = evaluate.evaluate_folders(str(tmp_path / "pred-train"), str(tmp_path / "gtFine"), "trainIds", task)
+    assert ours == pytest.approx(reference, abs=1e-9)
+    # the old mistake, ground truth read as trainIds: one line naming the file and the flag, not a torch traceback
+    code = evaluate.main(
+        [
+            "folders",
+            str(tmp_path / "pred-train"),
+            str(tmp_path / "gtFine"),
+            "--format",
+            "trainIds",
+            "--gt-format",
+            "trainIds",
+        ]
+    )
+    assert code == 2
+
+
+def test_checkpoint_command_errors_are_one_line(tmp_path, capsys, data_root):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(store).search_experiments()  # an existing store without that run
+    capsys.readouterr()
+    for source, message in (
+        (str(tmp_path / "missing" / "best_val_target_miou.pt"), "no such checkpoint file"),
+        ("last.pt", "no such checkpoint file 'last.pt'"),
+        ("0123456789abcdef0123456789abcdef", "no MLflow run '0123456789abcdef0123456789abcdef' in sqlite:///"),
+        ("0123456789abcdef0123456789abcdef", "no MLflow store at sqlite:///"),
+    ):
+        uri = store if "store" not in message else f"sqlite:///{tmp_path / 'nowhere.db'}"
+        assert evaluate.main(["checkpoint", source, "--tracking-uri", uri, "--data-root", data_root]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    # a damaged shard of a synthetic dataset is regenerated before use (real datasets: tests/platform/test_converters)
+    session = LocalSession()
+    spec = TrialSpec(
+        method="source_only",
+        task="synthetic-urban",
+        hyperparams={"architecture": "tiny"},
+        seed=0,
+        max_steps=1,
+        eval_every=1,
+        data_root=data_root,
+    )
+    runner = TrialRunner(spec, session)
+    runner.run()
+    meta = runner.reporter._checkpoint_meta(runner.trial.positions[0], session.reports[-1], 1)
+    checkpoints.write_weights(str(tmp_path), checkpoints.LAST, runner.modules, meta)
+    damaged = tmp_path / "data"
+    import shutil
+
+    for name in ("synthetic-urban-source", "synthetic-urban-target"):
+        shutil.copytree(os.path.join(data_root, name), damaged / name)
+    shard = sorted((damaged / "synthetic-urban-target" / "val").iterdir())[0]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:1000])
+    assert evaluate.main(["checkpoint", str(tmp_path / "last.pt"), "--no-log", "--data-root", str(damaged)]) == 0
+    assert shard.read_bytes() == whole

@@ -35,18 +35,63 @@ def _ray(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProce
     return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _stop_own_ray(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stop the head this test started, and only it: SIGTERM to its `ray start --block` (which shuts down the
+    processes it started), then SIGKILL to whatever of them is left: its descendants and the processes that run in
+    its own temp dir. Never `ray stop`, which stops every Ray process on the machine (a user's, another test run's)."""
+    import psutil
+
+    children = _descendants(head.pid)
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    leftovers = {p.pid: p for p in children if p.is_running()}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if temp_dir in " ".join(process.info["cmdline"] or []):
+            leftovers[process.pid] = process
+    for process in leftovers.values():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _wait_until(ready, what: str, timeout_s: float = 180, pause_s: float = 1.0) -> None:
+    """Bounded readiness wait: `ready()` until it is true or `timeout_s` passes."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, f"{what} was not ready after {timeout_s:.0f} s"
+        time.sleep(pause_s)
+
+
 @pytest.fixture
 def ray_head(subprocess_env):
-    """A head node of its own (temp dir, free ports, dashboard on loopback, Ray's token auth as Ray sets it up);
-    stopped afterwards."""
+    """A head node of its own (temp dir, free ports, dashboard on loopback, Ray's token auth as Ray sets it up),
+    started with `ray start --head --block` and stopped afterwards by stopping exactly its processes."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dashboard, client = _free_ports(3)
     env = dict(subprocess_env)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # `python` = this venv
     env["RAY_AUTH_MODE"] = "token"
-    started = _ray(
+    log = open(os.path.join(temp_dir, "head.log"), "w")
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    arguments = [
         "start",
         "--head",
+        "--block",
         "--node-ip-address",
         "127.0.0.1",
         "--port",
@@ -64,20 +109,42 @@ def ray_head(subprocess_env):
         "--temp-dir",
         temp_dir,
         "--disable-usage-stats",
-        env=env,
-    )
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    ]
+    head = subprocess.Popen([ray, *arguments], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     env["UDA_TEST_RAY_ADDRESS"] = f"127.0.0.1:{gcs}"  # for drivers that join this head with --address
     try:
+
+        def ready() -> bool:
+            assert head.poll() is None, open(os.path.join(temp_dir, "head.log")).read()[-3000:]
+            return _ray("status", "--address", f"127.0.0.1:{gcs}", env=env, timeout=60).returncode == 0
+
+        _wait_until(ready, "the Ray head")
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
-        _ray("stop", "--force", env=env, timeout=120)
+        _stop_own_ray(head, temp_dir)
+        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+AGENT_NOT_READY = ("No available agent to submit job", "try again later")
+
+
+def _submit(*args: str, env: dict, attempts: int = 6, pause_s: float = 10.0) -> subprocess.CompletedProcess:
+    """`ray job submit`, again after a pause while the head's job agent is not up yet (bounded)."""
+    import time
+
+    for attempt in range(attempts):
+        submitted = _ray(*args, env=env, timeout=600)
+        output = submitted.stdout + submitted.stderr
+        if submitted.returncode == 0 or not any(text in output for text in AGENT_NOT_READY) or attempt + 1 == attempts:
+            return submitted
+        time.sleep(pause_s)
+    raise AssertionError("unreachable")
 
 
 def test_ray_job_submit_with_working_dir_runs_a_sweep(ray_head, tmp_path, data_root):
     env, dashboard = ray_head
-    submitted = _ray(
+    submitted = _submit(
         "job",
         "submit",
         "--address",
@@ -104,7 +171,6 @@ def test_ray_job_submit_with_working_dir_runs_a_sweep(ray_head, tmp_path, data_r
         "--storage-path",
         str(tmp_path / "results"),
         env=env,
-        timeout=600,
     )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in (submitted.stdout + submitted.stderr).lower()
@@ -202,9 +268,9 @@ def test_tracking_to_an_mlflow_server(mlflow_server, tmp_path, subprocess_env):
 TRAINING_PROCESS = {"train": "ray::RayTrainWorker", "inline": "ray::ImplicitFunc"}
 
 
-def _training_pids(runner: str) -> list[int]:
-    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in listing.splitlines() if TRAINING_PROCESS[runner] in line]
+def _training_pids(runner: str, driver: int) -> list[int]:
+    """The training processes among the descendants of this test's own driver (never another run's)."""
+    return [p.pid for p in _descendants(driver) if TRAINING_PROCESS[runner] in " ".join(p.cmdline())]
 
 
 @pytest.mark.parametrize("runner", ["train", "inline"])
@@ -247,7 +313,7 @@ def test_a_killed_training_process_resumes_from_its_checkpoint(tmp_path, subproc
         while not [s for s in metric_steps(tmp_path / "mlflow.db", "val_target/miou") if s >= 40]:
             assert process.poll() is None and time.monotonic() < deadline, "the trial did not reach step 40"
             time.sleep(0.5)
-        killed = _training_pids(runner)
+        killed = _training_pids(runner, process.pid)
         assert len(killed) == 1
         os.kill(killed[0], signal.SIGKILL)
         output, _ = process.communicate(timeout=400)
