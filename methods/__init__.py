@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from methods import adaptsegnet, cirn, cscl, seuda, source_only, tdtf
+from methods import adaptsegnet, cirn, cscl, seuda, slrt, source_only, tdtf
 from methods.contract import Method
 
 
@@ -29,7 +29,7 @@ def _table(*records: Method) -> Mapping[str, Method]:
     return MappingProxyType(table)
 
 
-_METHODS = (source_only.METHOD, adaptsegnet.METHOD, cscl.METHOD, seuda.METHOD, cirn.METHOD, tdtf.METHOD)
+_METHODS = (source_only.METHOD, adaptsegnet.METHOD, cscl.METHOD, seuda.METHOD, cirn.METHOD, tdtf.METHOD, slrt.METHOD)
 REGISTRY: Mapping[str, Method] = _table(*_METHODS)
 
 

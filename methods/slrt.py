@@ -68,7 +68,7 @@ class Hyperparams(SegmenterRecipe):
     portion_every: Literal["target", "source"] = "target"
     # Optimisation: "The Adam optimizer is used to train whole networks ... exponential decay with the rate and step
     # size as 0.7 and 950" (Sec. 3.4)
-    train_steps: int = 9_500  # not printed: ten decay periods (docstring, choice 13)
+    num_steps: int = 9_500  # not printed: ten decay periods (docstring, choice 13)
     segmenter_optimizer: Literal["adam", "sgd"] = "adam"  # "sgd": the recipe's SGD, the synthetic tasks' footing
     adam_beta1: float = 0.9  # not printed: Adam's defaults
     adam_beta2: float = 0.999
@@ -115,10 +115,10 @@ class Hyperparams(SegmenterRecipe):
             require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1) (got {getattr(self, name)})")
         require(0 < self.lr_decay_rate <= 1, f"lr_decay_rate must be in (0, 1] (got {self.lr_decay_rate})")
         require(self.lr_decay_steps >= 1, f"lr_decay_steps must be >= 1 (got {self.lr_decay_steps})")
-        require(self.train_steps >= 1, f"train_steps must be >= 1 (got {self.train_steps})")
+        require(self.num_steps >= 1, f"num_steps must be >= 1 (got {self.num_steps})")
         require(
-            0 <= self.source_warmup_steps < self.train_steps,
-            f"source_warmup_steps must be in [0, train_steps) (got {self.source_warmup_steps})",
+            0 <= self.source_warmup_steps < self.num_steps,
+            f"source_warmup_steps must be in [0, num_steps) (got {self.source_warmup_steps})",
         )
         require(
             0 <= self.superpixel_vote_threshold < 8,
@@ -793,7 +793,7 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
     adapt = Stage(
         name="adapt",
         trains=_network_modules(hp) + (("discriminator",) if hp.adversarial else ()),
-        budget=steps(hp.train_steps - hp.source_warmup_steps),
+        budget=steps(hp.num_steps - hp.source_warmup_steps),
         optimizers=optimizers,
         step=train_step,
         target_pass=target_pass(hp),
@@ -881,4 +881,5 @@ METHOD = Method(
     predict=predict,
     tasks=("synthetic-endoscopy", "synthetic-urban", "endoscopy", "gta5-cityscapes", "synthia-cityscapes"),
     samples=samples,
+    imagenet_backbone=True,  # "ResNet-50 ... which is pre-trained with ImageNet" (Sec. 3.3)
 )

@@ -801,7 +801,7 @@ def test_target_pass_and_threshold_update():
 
 
 def test_source_warmup_is_a_source_only_first_stage():
-    hp = _hp(train_steps=100, source_warmup_steps=25)
+    hp = _hp(num_steps=100, source_warmup_steps=25)
     warmup, adapt = slrt.stages(hp)
     assert (warmup.budget.steps, adapt.budget.steps) == (25, 75)
     assert not warmup.uses_target and warmup.target_pass is None and "discriminator" not in warmup.trains
@@ -809,7 +809,7 @@ def test_source_warmup_is_a_source_only_first_stage():
     ctx.optimizers = {n: o.optimizer for n, o in slrt.warmup_optimizers(hp, ctx.modules, 25).items()}
     batch = Batch(source_image=torch.rand(2, 3, SIZE, SIZE), source_label=_batch().source_label, target_image=None)
     assert set(slrt.warmup_step(ctx, batch)) == {"loss_seg_source", "loss_cls_source"}
-    (single,) = slrt.stages(_hp(train_steps=100))
+    (single,) = slrt.stages(_hp(num_steps=100))
     assert single.budget.steps == 100
 
 
@@ -838,3 +838,14 @@ def test_range_checks():
             _hp(**bad)
     with pytest.raises(ValueError, match="batch_size >= 2"):
         slrt.Hyperparams(batch_size=1)  # DeepLab-v3's pooling batch norm: four workers at batch 1 cannot train it
+
+
+def test_deeplab_v3_head_embeds_s2s_pixel_features():
+    from methods.shared.segmenter import DeepLabV3Head, Features
+
+    torch.manual_seed(0)
+    head = DeepLabV3Head(8, 3, rates=(1, 2, 3), channels=16).eval()
+    features = Features(torch.randn(2, 8, 5, 5))
+    embedding = head.embed(features)
+    assert embedding.shape == (2, 16, 5, 5)
+    assert torch.allclose(head.classifier(embedding), head(features), atol=1e-6)
