@@ -35,3 +35,62 @@ RANGES = {
     "beta": ("loguniform", 1.0, 30.0),
     "lambda_sem": ("loguniform", 0.05, 2.0),
 }
+# Paper numbers beside the grids that reproduce them (`python -m platform.report` prints them next to ours): Table 1
+# of ../shared/papers/003_2b3d70deb7bd4c82.txt as printed, per lung: Dice, recall, precision (%) and ASD (mm). The
+# paper reports JSRT test (the task's `--split test`); sweeps evaluate on JSRT val. Keyed by grid, then task; a row
+# names the grid point it is ("point", as in GRIDS). Metric names are ours (platform/metrics.py) without the
+# "val_target/" prefix; the report averages the lungs as the paper's text does ("average Dice over both lungs").
+PAPER_RESULTS = {
+    "table1": {
+        "montgomery-jsrt": {
+            "source": "Table 1 (Montgomery → JSRT test)",
+            "metric": "dice",
+            "rows": {
+                "SeUDA": {
+                    "point": {},
+                    "dice/right_lung": 95.59,
+                    "recall/right_lung": 96.55,
+                    "precision/right_lung": 94.77,
+                    "asd_mm/right_lung": 2.85,
+                    "dice/left_lung": 93.42,
+                    "recall/left_lung": 92.40,
+                    "precision/left_lung": 94.70,
+                    "asd_mm/left_lung": 3.51,
+                },
+                "T-noDA": {
+                    "point": {"adaptation": "none"},
+                    "dice/right_lung": 82.29,
+                    "recall/right_lung": 98.40,
+                    "precision/right_lung": 73.38,
+                    "asd_mm/right_lung": 10.68,
+                    "dice/left_lung": 76.65,
+                    "recall/left_lung": 95.06,
+                    "precision/left_lung": 69.15,
+                    "asd_mm/left_lung": 11.40,
+                },
+                "T-HistM": {
+                    "point": {"adaptation": "histogram"},
+                    "dice/right_lung": 90.05,
+                    "recall/right_lung": 92.96,
+                    "precision/right_lung": 88.05,
+                    "asd_mm/right_lung": 5.72,
+                    "dice/left_lung": 91.03,
+                    "recall/left_lung": 94.35,
+                    "precision/left_lung": 88.45,
+                    "asd_mm/left_lung": 4.66,
+                },
+                "CyUDA": {
+                    "point": {"lambda_sem": 0.0},
+                    "dice/right_lung": 94.09,
+                    "recall/right_lung": 96.31,
+                    "precision/right_lung": 92.28,
+                    "asd_mm/right_lung": 3.88,
+                    "dice/left_lung": 91.59,
+                    "recall/left_lung": 92.28,
+                    "precision/left_lung": 91.70,
+                    "asd_mm/left_lung": 4.57,
+                },
+            },
+        },
+    },
+}
