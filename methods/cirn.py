@@ -902,9 +902,17 @@ def self_training_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     """Stage 3 (Eq. 9): cross-entropy of softmax(z_C + z_ACM) on the target image against its pseudo labels."""
     hp, modules, info = ctx.hp, ctx.modules, ctx.info
     thresholds = ctx.state["pseudo_label_thresholds"]
-    if hp.pseudo_label_mode == "offline":
+    if hp.pseudo_label_mode == "offline" and "pseudo_label" in batch.target_extras:
         prediction = batch.target_extras["pseudo_label"].long()
         levels = batch.target_extras["confidence"].long()
+    elif hp.pseudo_label_mode == "offline":
+        # The store is keyed by sample identity: a batch without it (the CLI's cost probe, a hand-made batch) can
+        # have no stored maps, and is labelled as the pass would label it, by the current model. A batch from the
+        # platform's stream always has its samples' identity; missing maps there are a platform error.
+        if batch.target_index is not None:
+            raise ValueError("self_train (offline): the batch carries no stored pseudo labels (target_extras)")
+        with torch.no_grad():
+            prediction, levels, _ = _predictions(_labelling_model(modules), batch.target_image)
     else:
         with torch.no_grad():
             prediction, levels, _ = _predictions(modules["teacher"], batch.target_image)

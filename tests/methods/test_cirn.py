@@ -741,6 +741,19 @@ def test_offline_self_training_uses_the_stored_labels_and_the_whole_set_threshol
     assert "discriminator" not in stage.trains
 
 
+def test_offline_step_without_stored_maps_only_for_batches_without_sample_identity():
+    """A batch with no sample identity (the CLI's cost probe) cannot have stored maps and is labelled by the current
+    model instead; a platform batch (with `target_index`) without its maps is an error, not a silent fallback."""
+    hp = _hp(pseudo_label_rule="argmax")
+    modules = _after_stage_2(hp)
+    _, ctx, _ = _enter(hp, modules, "self_train")
+    batch = _batch()
+    _pass(ctx, batch.target_image)
+    assert cirn.self_training_step(ctx, batch)["pseudo_label_fraction"].item() == 1.0
+    with pytest.raises(ValueError, match="no stored pseudo labels"):
+        cirn.self_training_step(ctx, dataclasses.replace(batch, target_index=torch.tensor([0, 1])))
+
+
 def test_online_teacher_is_a_frozen_snapshot_of_the_stage_2_model():
     hp = _hp(pseudo_label_mode="online", pseudo_label_rule="argmax")
     modules = _after_stage_2(hp)
