@@ -125,6 +125,7 @@ Not implemented: a source term in stage 3 (Eq. 9 has none); per-module ACM class
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -898,6 +899,12 @@ def update_thresholds(ctx: StepContext, gathered: Mapping[str, Tensor]) -> dict[
     }
 
 
+def metric_name(class_name: str) -> str:
+    """A class name as the platform writes it in metric names (val_target/iou/<class>): 'traffic light' →
+    'traffic_light'."""
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", class_name.strip())
+
+
 def self_training_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     """Stage 3 (Eq. 9): cross-entropy of softmax(z_C + z_ACM) on the target image against its pseudo labels."""
     hp, modules, info = ctx.hp, ctx.modules, ctx.info
@@ -930,7 +937,7 @@ def self_training_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
         "pseudo_label_set_fraction": torch.tensor(float(ctx.state.get("pseudo_label_set_fraction", 0.0))),
     }
     for name, level in zip(info.class_names, thresholds.tolist()):
-        metrics[f"pseudo_label_threshold/{name}"] = torch.tensor(level / LEVELS)
+        metrics[f"pseudo_label_threshold/{metric_name(name)}"] = torch.tensor(level / LEVELS)
     return metrics
 
 

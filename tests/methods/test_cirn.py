@@ -737,6 +737,7 @@ def test_offline_self_training_uses_the_stored_labels_and_the_whole_set_threshol
     assert metrics["loss_seg_target"].item() == pytest.approx(loss.item(), rel=1e-5)
     assert metrics["pseudo_label_fraction"].item() == pytest.approx(keep.float().mean().item())
     assert metrics["pseudo_label_threshold/road"].item() == pytest.approx(thresholds[0].item() / 255)
+    assert cirn.metric_name("traffic light") == "traffic_light"
     _assert_grads_equal(grads, _grads(loss, reference, STUDENT))
     assert "discriminator" not in stage.trains
 
