@@ -1221,11 +1221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from platform import tracking
-
     try:
         args = build_parser().parse_args(argv)
-        uri = args.tracking_uri or tracking.default_tracking_uri()
+        # tracking.default_tracking_uri, without importing torch for it
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
         if args.sweep and args.task:
             raise ReportError("give a SWEEP or --task TASK, not both")
         check_store(uri)

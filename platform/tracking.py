@@ -12,18 +12,22 @@ All of them use `MlflowClient` with explicit run ids: no process-global active r
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
@@ -36,6 +40,11 @@ TRIAL_TAG = "uda.trial_id"
 REASON_TAG = "uda.failure_reason"
 NOTE_TAG = "mlflow.note.content"
 RETRIED_TAG = "uda.retried"  # a failed trial run again as a new trial by `--resume --retry-failed`
+DEFAULTS_TAG = "uda.defaults"  # "true" on the trial of the defaults configuration (nothing swept away from them)
+SWEPT_TAG = "uda.swept"  # the trial's swept values, JSON
+BEST_TAG = "uda.best_trial"  # on a sweep's parent run: the best trial's run name and id
+# MLflow 3's UI opens an experiment of this kind on its runs table ("Model training"), not on the GenAI overview
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
 
 
@@ -53,10 +62,31 @@ def local_artifact_root(tracking_uri: str) -> str | None:
     return os.path.join(os.path.dirname(os.path.abspath(database)), "mlartifacts")
 
 
+UI_PORT = 5000  # `mlflow ui`'s default port
+
+
+def mlflow_script() -> str:
+    """The `mlflow` command of this interpreter's environment (the venv's own, so that it works in a fresh shell
+    without activating anything); plain `mlflow` where the interpreter has none beside it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "mlflow")
+    return path if os.path.isfile(path) else "mlflow"
+
+
 def ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1"
+    return f"{mlflow_script()} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {UI_PORT}"
+
+
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link that opens the experiment's runs table in MLflow 3's "Model training" view (`workflowType`, read from
+    the URL by the UI; without it 3.17 opens on the GenAI overview), or one run's page."""
+    base = (
+        tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+    )
+    if run_id:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def code_version(repository: str) -> str:
@@ -85,15 +115,24 @@ class Tracker:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
 
-    def experiment(self, name: str) -> str:
+    def experiment(self, name: str, description: str | None = None) -> str:
+        """The experiment's id, created if new; its description (`mlflow.note.content`) and kind are set where
+        missing (experiments created before they existed get them too)."""
         existing = self.client.get_experiment_by_name(name)
+        tags = dict(existing.tags) if existing is not None else {}
         if existing is not None:
-            return existing.experiment_id
-        root = local_artifact_root(self.uri)
-        location = None
-        if root is not None:
-            location = "file://" + os.path.join(root, re.sub(r"[^0-9A-Za-z_.-]+", "_", name))
-        return self.client.create_experiment(name, artifact_location=location)
+            experiment_id = existing.experiment_id
+        else:
+            root = local_artifact_root(self.uri)
+            location = None
+            if root is not None:
+                location = "file://" + os.path.join(root, re.sub(r"[^0-9A-Za-z_.-]+", "_", name))
+            experiment_id = self.client.create_experiment(name, artifact_location=location)
+        if description and NOTE_TAG not in tags:
+            self.client.set_experiment_tag(experiment_id, NOTE_TAG, description)
+        if tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            self.client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+        return experiment_id
 
     def start_sweep(
         self,
@@ -144,6 +183,29 @@ class Tracker:
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def log_datasets(
+        self, run_id: str, fingerprints: Mapping[str, str], data_root: str, contexts: Mapping[str, str]
+    ) -> None:
+        """Each dataset as an MLflow input (the runs table's Dataset column): digest = the manifest's fingerprint
+        (its first 36 hex digits: MLflow's column holds 36; the whole one is in the profile and the run's
+        `dataset_fingerprint.*` tags), source = the dataset's folder under the data root; `contexts`: dataset →
+        "train", "validation", ..."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name,
+                    fingerprint.removeprefix("sha256:")[:36],
+                    "local" if "://" not in data_root else "uri",
+                    f"{data_root.rstrip('/')}/{name}",
+                    profile=json.dumps({"fingerprint": fingerprint}),
+                ),
+                tags=[InputTag("mlflow.data.context", contexts.get(name, "train"))],
+            )
+            for name, fingerprint in fingerprints.items()
+        ]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
     def end(self, run_id: str, status: str, reason: str | None = None) -> None:
         if reason:
             self.client.set_tag(run_id, REASON_TAG, reason[:5000])
@@ -190,6 +252,16 @@ class TrialLogger:
             checkpoints.write_weights(directory, kind, modules, meta)
             self.client.log_artifacts(self.run_id, directory, artifact_path=checkpoints.ARTIFACT_DIR)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_predictions(self, grid: np.ndarray, step: int) -> None:
+        """The platform's prediction grid (`prediction_grid`) as `predictions/step-NNNNNNNN/target_val.png`."""
+        with tempfile.TemporaryDirectory(prefix="uda-predictions-") as directory:
+            Image.fromarray(np.asarray(grid, dtype=np.uint8)).save(os.path.join(directory, "target_val.png"))
+            self.client.log_artifacts(self.run_id, directory, artifact_path=f"predictions/step-{step:08d}")
+
     def log_images(self, images: Mapping[str, torch.Tensor], step: int) -> None:
         """Each named batch (B, C, H, W) in [0, 1] as one PNG strip under `samples/step-NNNNNNNN/<name>.png`."""
         with tempfile.TemporaryDirectory(prefix="uda-samples-") as directory:
@@ -200,6 +272,73 @@ class TrialLogger:
                     os.path.join(directory, f"{name}.png")
                 )
             self.client.log_artifacts(self.run_id, directory, artifact_path=f"samples/step-{step:08d}")
+
+
+# ---------------------------------------------------------------------------------------------- prediction grids
+
+# Label colours: the Cityscapes palette (cityscapesscripts) for classes of that name (the synthetic street scenes
+# name theirs like Cityscapes'), else these, in class order; ignored pixels (255) black.
+FALLBACK_PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))  # fmt: skip
+
+
+def label_palette(class_names: tuple[str, ...] | list[str]) -> np.ndarray:
+    """(K + 1, 3) uint8: one colour per class, the last one (black) for ignored pixels."""
+    from cityscapesscripts.helpers.labels import labels
+
+    cityscapes = {label.name: label.color for label in labels if 0 <= label.trainId < 255}
+    colours = [
+        cityscapes.get(name.replace("_", " "), FALLBACK_PALETTE[index % len(FALLBACK_PALETTE)])
+        for index, name in enumerate(class_names)
+    ]
+    return np.array([*colours, (0, 0, 0)], dtype=np.uint8)
+
+
+def prediction_grid(
+    images: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, width: int = 384
+) -> np.ndarray:
+    """One row per image: image | prediction | ground truth, (rows · h, 3 · w, 3) uint8 with w ≤ `width`.
+
+    images (B, C, H', W') in [0, 1] (C = 1 or 3, any size: resized to the labels'); predictions and labels (B, H, W)
+    class ids, 255 = ignored (drawn black)."""
+    height, full_width = labels.shape[-2:]
+    scale = min(1.0, width / full_width)
+    size = (max(1, round(height * scale)), max(1, round(full_width * scale)))
+    pictures = torch.nn.functional.interpolate(images.detach().float().cpu(), size=size, mode="bilinear")
+    pictures = pictures.expand(-1, 3, -1, -1) if pictures.shape[1] == 1 else pictures[:, :3]
+    pictures = (pictures.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+    def colour(maps: torch.Tensor) -> np.ndarray:
+        small = torch.nn.functional.interpolate(maps[:, None].float().cpu(), size=size, mode="nearest")[:, 0]
+        ids = small.long().numpy()
+        return palette[np.where((ids >= 0) & (ids < len(palette) - 1), ids, len(palette) - 1)]
+
+    rows = np.concatenate([pictures, colour(predictions), colour(labels)], axis=2)  # (B, h, 3w, 3)
+    return rows.reshape(-1, rows.shape[2], 3)
+
+
+# ---------------------------------------------------------------------------------------------- system metrics
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[None]:
+    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU where nvidia-ml-py finds one) logging
+    `system/*` into the trial's run from a thread of this process, named by run id: no process-global active run.
+    A monitor that cannot start never stops the trial."""
+    monitor = None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop INFO lines
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+        monitor.start()
+    except Exception:  # psutil missing or the platform unsupported: the trial goes on without system metrics
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def tags_for(method: str, task: str, seed: int, code: str, fingerprints: Mapping[str, str]) -> dict[str, str]:
