@@ -2,9 +2,12 @@
 
 Implements ../shared/papers/002_c46badf92f1b9b44.txt. No public implementation exists; this one follows the text:
 
-- E and C: DeepLab-v2 on ResNet-101 or FCN-8s on VGG-16 (Sec. 3.5), or the small CPU network.
+- E and C: DeepLab-v2 on ResNet-101 or FCN-8s on VGG-16 (Sec. 3.5), or the small CPU network; both paper networks
+  "are initially pre-trained by the ImageNet" (Sec. 3.5), so a paper task needs `backbone_weights`
+  (`Method.imagenet_backbone`).
 - D (Eq. 1): five convolutions {64, 128, 256, 512, 1}, LeakyReLU 0.2, on E's features.
-- T_Q (Eq. 2): one convolution to 1 channel on D's output; P = 1 − U(σ(T_Q(D(F)))), U the binary entropy.
+- T_Q (Eq. 2): one convolution to 1 channel on D's output probability; P = 1 − U(σ(T_Q(σ(D(F))))), U the binary
+  entropy.
 - T_C (Eq. 3, 6): a state branch of three convolutions {64, 32, 16} on F and a policy branch of two convolutions of 16
   on P, concatenated, one convolution to the critic value V_cri; L_cri = −V_cri, L_reg = (V_cri − R)².
 - Rewards (Eq. 4, 5): R^s = 1 where C's prediction equals the label's argmax; R^a = 1 where C's probability of the
@@ -34,6 +37,47 @@ Implements ../shared/papers/002_c46badf92f1b9b44.txt. No public implementation e
   False` (w/oCG: the pseudo label of every pixel is the one-hot argmax of C, no thresholds, no soft labels, no
   selection), `symmetric_divergence=False` (w/oSD: no L_div).
 
+Readings of the text, decided here (the paper's words first; the other reading is an option where it is plausible):
+
+a. T_Q's input. "the output probabilities of D can determine whether the corresponding features are transferable
+   ... T_Q encodes the output probability of D via one convolutional layer" (Sec. 3.2), and Eq. 1-2 call
+   D(E(x)) "the probability output of D": T_Q sees σ(D(F)) (`quantizer_input="probability"`, default); "logits"
+   feeds D's logits (this implementation before issue 19).
+b. Sums or means in Eq. 7. Both terms are printed as sums over pixels and classes inside an expectation over
+   images. The sum over a 1280x720 image would multiply the gradient by 921,600 against the per-pixel mean that the
+   printed SGD learning rate 2.5e-4 (DeepLab's) is made for, so the constant 1/|x| is read as folded into the
+   learning rate: `eq7_reduction="image"` (default) divides each image's sum by its pixel count and averages over
+   the batch. Ignored source pixels and target pixels whose pseudo label is the zero vector contribute 0 to the sum,
+   exactly as in Eq. 7, so the target term's weight grows with the number of selected pixels ("allocating ŷ as 0
+   can neglect this unconfident pseudo label"). `"selected"` (before issue 19) takes the mean over labelled source
+   pixels and over selected target pixels instead, which gives the target term the same weight however few pixels
+   are selected. (The literal sum is `"image"` with the learning rates multiplied by the pixel count.)
+c. Learning-rate schedules of the Adam optimisers. Sec. 3.5 prints "initial learning rate" for the VGG-16 Adam and
+   for D's Adam, i.e. a rate that changes, and names one schedule, the poly policy with power 0.9:
+   `adam_schedule="poly"` (default) applies it to every Adam here (E and C in the VGG setting, D, T_Q, T_C);
+   "constant" keeps their rates fixed.
+d. Cityscapes → NTHU. "source and target domains share the consistent annotations" (Sec. 3.1) and NTHU "shares 13
+   common categories with Cityscapes" (Sec. 4.1; Table 3 has 13 columns): K = 13 there. `trained_classes` (the
+   comma-separated class ids of the task's label map that form K; "" = all of them) is set to the 13 NTHU classes
+   by the NTHU tasks' defaults (search_spaces/cscl.py): source pixels of the other six Cityscapes classes are
+   ignored and C's logits of those classes are masked out of every softmax (training, Alg. 1, Eq. 10, L_div over the
+   13, prediction), so the 19-output head acts as a 13-class classifier.
+e. Fig. 3(b)'s "domain gap" is not defined in the text. Each step logs `domain_gap`, the proxy A-distance
+   2 (1 − 2ε) of D on that step's features (ε: D's error on the batch's source and target features, before D's
+   update, Ben-David et al.); the category-wise gap L_div is logged as `loss_div`.
+f. Alg. 1's index ⌊S_A · length(S_k)⌋ with S_A = 35% + 5% per epoch: in floating point 0.35 + 0.05 is
+   0.39999999999999997, which puts the threshold one rank short of 40% for every class with 5, 10, 15, ... pixels.
+   S_A is counted in integers (basis points, `selection_amount` returns an exact fraction) and the index is exact.
+g. D's strides are not printed (conventions.md lists CSCL's D among 4x4 stride-2 discriminators). Five stride-2
+   layers fit DeepLab-v2's stride-8 features of the smallest paper input (Cityscapes and NTHU at 1024x512: 64x128
+   features, D output 2x4) but not FCN-8s's stride-32 ones (16x32 on Cityscapes, 22x40 on GTA5: three or more
+   stride-2 layers leave no output). `discriminator_downsampling=None` (default) derives the number of stride-2
+   layers from the architecture: the most of D's five (the others stride 1) that leave D an output on E's features
+   of the smallest image side the architecture meets on CSCL's tasks (`SMALLEST_IMAGE_SIDE`): 5 for DeepLab-v2
+   (as printed for the field), 2 for FCN-8s (D output 1x5 on Cityscapes, 2x7 on GTA5), 2 for the small network on
+   the 64x128 synthetic images. An explicit value that leaves no output there is refused when the hyperparameters
+   are made (before any trial starts); a step on features smaller than that names the field and what fits.
+
 Choices the paper leaves open (each a hyperparameter where two readings are plausible, so a sweep can compare them):
 
 1. How P modulates the features C sees: `modulation="residual"` (default) uses F ⊙ (1 + P), so that a pixel with
@@ -53,14 +97,11 @@ Choices the paper leaves open (each a hyperparameter where two readings are plau
    self-trains C on its own soft labels, the selected fraction of target pixels climbs to 90-100% and the run
    collapses on some seeds (final mIoU 23.0 and 2-9%, seeds 1 and 0 without L_div), while "alg2" stays stable (36.9
    and 39.9 on the same seeds); the `open_choices` grid compares them.
-5. Not printed: D's strides (conventions.md lists CSCL's D among 4x4 stride-2 discriminators:
-   `discriminator_downsampling` = 5 stride-2 layers; the small network's 16x32 features cannot pass five, its task
-   defaults use 2 and stride 1 for the last three); T_Q's and
-   T_C's kernels (3x3, ReLU between layers); T_Q's and T_C's optimiser (Adam 1e-4, betas (0.9, 0.99), like D's
-   family); learning-rate schedules of D, T_Q and T_C (the segmenter's poly policy); D's loss is not scaled by ξ2
-   (Adam is invariant to the scale, and the min-max of Eq. 1 has the same solution); Eq. 1's printed signs read as
-   the standard GAN game (D: source 1, target 0; E: target → source); P is detached in line 4 (it is an attention
-   map there, not something the source loss should train through D).
+5. Not printed: T_Q's and T_C's kernels (3x3, ReLU between layers); T_Q's and T_C's optimiser (Adam 1e-4, betas
+   (0.9, 0.99), like D's family); D's loss is not scaled by ξ2 (Adam is invariant to the scale, and the min-max of
+   Eq. 1 has the same solution); Eq. 1's printed signs read as the standard GAN game (D: source 1, target 0; E:
+   target → source); P is detached in line 4 (it is an attention map there, not something the source loss should
+   train through D).
 6. Thresholds are computed from C's outputs at the classifier's resolution (not the label's): one value per output
    pixel of every target image, which keeps the pass's memory to tens of MB on Cityscapes. A class that no pixel is
    predicted as gets δ_k = 1.
@@ -76,6 +117,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Literal
 
 import torch
@@ -117,8 +159,13 @@ class Hyperparams(SegmenterRecipe):
     segmenter_beta1: float = 0.9  # Adam of the VGG-16 setting: "momentum 0.9 and 0.99" (Sec. 3.5)
     segmenter_beta2: float = 0.99
     discriminator_learning_rate: float = 1.5e-4  # Adam; 1.5e-4 with ResNet-101, 1.5e-6 with VGG-16 (Sec. 3.5)
-    discriminator_downsampling: int = 5  # stride-2 layers among D's five; not printed, all 5 per conventions.md
+    # stride-2 layers among D's five, not printed; None: derived from the architecture (docstring, reading g)
+    discriminator_downsampling: int | None = None
     agent_learning_rate: float = 1e-4  # T_Q and T_C, Adam: not printed (docstring, choice 5)
+    quantizer_input: Literal["probability", "logits"] = "probability"  # "the output probability of D" (reading a)
+    eq7_reduction: Literal["image", "selected"] = "image"  # Eq. 7's sums over pixels per image (reading b)
+    adam_schedule: Literal["poly", "constant"] = "poly"  # "initial learning rate" of every Adam (reading c)
+    trained_classes: str = ""  # K of Eq. 7-13: comma-separated class ids, "" = all (reading d: NTHU's 13)
     modulation: Literal["residual", "multiply"] = "residual"  # docstring, choice 1
     centroid_distribution: Literal["l1", "softmax"] = "l1"  # docstring, choice 2
     centroids: Literal["ema", "batch"] = "ema"  # docstring, choice 3
@@ -144,10 +191,20 @@ class Hyperparams(SegmenterRecipe):
             require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1) (got {getattr(self, name)})")
         for name in ("discriminator_learning_rate", "agent_learning_rate"):
             require(getattr(self, name) > 0, f"{name} must be > 0 (got {getattr(self, name)})")
-        require(
-            0 <= self.discriminator_downsampling <= 5,
-            f"discriminator_downsampling must be in [0, 5] (got {self.discriminator_downsampling})",
-        )
+        if self.discriminator_downsampling is not None:
+            require(
+                0 <= self.discriminator_downsampling <= 5,
+                f"discriminator_downsampling must be in [0, 5] or None (got {self.discriminator_downsampling})",
+            )
+            side = smallest_feature_side(self.architecture)
+            fits = fitting_downsampling(side)
+            require(
+                self.discriminator_downsampling <= fits,
+                f"discriminator_downsampling={self.discriminator_downsampling} leaves D no output on {self.architecture}"
+                f"'s {side}-pixel feature side (a {smallest_image_side(self.architecture)}-pixel image side, the "
+                f"smallest on CSCL's tasks): at most {fits} fit; leave it unset (None) to derive it",
+            )
+        self.trained_class_ids()  # parses, or names what is wrong
         require(0 <= self.centroid_momentum < 1, f"centroid_momentum must be in [0, 1) (got {self.centroid_momentum})")
         require(0 <= self.source_warmup < 1, f"source_warmup must be in [0, 1) (got {self.source_warmup})")
         require(self.epochs > 0, f"epochs must be > 0 (got {self.epochs})")
@@ -157,10 +214,73 @@ class Hyperparams(SegmenterRecipe):
             ("centroid_distribution", ("l1", "softmax")),
             ("centroids", ("ema", "batch")),
             ("pseudo_label_training", ("eq7", "alg2")),
+            ("quantizer_input", ("probability", "logits")),
+            ("eq7_reduction", ("image", "selected")),
+            ("adam_schedule", ("poly", "constant")),
         ):
             require(
                 getattr(self, name) in valid, f"{name} must be one of {', '.join(valid)} (got {getattr(self, name)!r})"
             )
+
+    def trained_class_ids(self) -> tuple[int, ...]:
+        """`trained_classes` parsed: the class ids that form K (empty: every class of the task)."""
+        if not self.trained_classes.strip():
+            return ()
+        try:
+            ids = tuple(int(part) for part in self.trained_classes.split(","))
+        except ValueError:
+            raise ValueError(
+                f"trained_classes must be comma-separated class ids, e.g. 0,1,2 (got {self.trained_classes!r})"
+            ) from None
+        require(
+            all(i >= 0 for i in ids) and len(set(ids)) == len(ids) and len(ids) >= 2,
+            f"trained_classes must be at least two distinct class ids >= 0 (got {self.trained_classes!r})",
+        )
+        return ids
+
+
+# ---------------------------------------------------------------------------------------------------- D's strides
+
+# Stride of E's features (`Features.main`) per architecture; DeepLab-v2/v3 and SeUDA's segmenter: 8.
+FEATURE_STRIDE = {"tiny": 4, "fcn8s_vgg16": 32}
+# The shorter image side E meets on CSCL's tasks: 512 on the paper tasks (Cityscapes and NTHU frames at 1024x512,
+# Sec. 4; GTA5 is 720, SYNTHIA 760), 64 for the small CPU network (the synthetic tasks' 64x128 images).
+SMALLEST_IMAGE_SIDE = {"tiny": 64}
+DISCRIMINATOR_LAYERS, DISCRIMINATOR_KERNEL = 5, 4  # the output-space discriminator's five 4x4 convolutions
+
+
+def smallest_image_side(architecture: str) -> int:
+    return SMALLEST_IMAGE_SIDE.get(architecture, 512)
+
+
+def smallest_feature_side(architecture: str) -> int:
+    return smallest_image_side(architecture) // FEATURE_STRIDE.get(architecture, 8)
+
+
+def discriminator_output_side(side: int, downsampling: int) -> int:
+    """The side of D's output on a feature map of side `side`: the first `downsampling` of its five 4x4 convolutions
+    (padding 1) have stride 2, the others stride 1; 0 when a layer has nothing left to convolve."""
+    for index in range(DISCRIMINATOR_LAYERS):
+        stride = 2 if index < downsampling else 1
+        side = (side + 2 - DISCRIMINATOR_KERNEL) // stride + 1
+        if side < 1:
+            return 0
+    return side
+
+
+def fitting_downsampling(side: int) -> int:
+    """The most stride-2 layers (at most 5) that leave D an output on features of side `side`."""
+    fits = [d for d in range(DISCRIMINATOR_LAYERS + 1) if discriminator_output_side(side, d) >= 1]
+    if not fits:
+        raise ValueError(f"D's five 4x4 convolutions leave no output on a {side}-pixel feature map at any stride")
+    return max(fits)
+
+
+def discriminator_downsampling(hp: Hyperparams) -> int:
+    """D's stride-2 layers: the configured number, or the one derived from the architecture (reading g)."""
+    if hp.discriminator_downsampling is not None:
+        return hp.discriminator_downsampling
+    return fitting_downsampling(smallest_feature_side(hp.architecture))
 
 
 # ---------------------------------------------------------------------------------------------------- modules
@@ -171,7 +291,8 @@ def _conv(in_channels: int, out_channels: int) -> nn.Conv2d:
 
 
 class TransferabilityQuantizer(nn.Module):
-    """T_Q: one convolution to 1 channel on D's output (B, 1, h, w) → logits of σ(·), whose entropy gives P."""
+    """T_Q: one convolution to 1 channel on D's output probability (B, 1, h, w) → logits of σ(·), whose entropy
+    gives P (reading a: or on D's logits)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -215,20 +336,30 @@ def modulate(features: Tensor, transferability_map: Tensor | None, mode: str) ->
     return features * (1 + transferability_map) if mode == "residual" else features * transferability_map
 
 
-def selection_amount(epoch: int, start: float, step: float, maximum: float) -> float:
-    """S_A of Alg. 1 at a given target epoch: start + step · epoch, at most `maximum`."""
-    return min(start + step * epoch, maximum)
+BASIS_POINTS = 10_000  # S_A is counted in 1/10,000 (reading f)
 
 
-def class_thresholds(confidence: Tensor, prediction: Tensor, num_classes: int, portion: float) -> Tensor:
+def selection_amount(epoch: int, start: float, step: float, maximum: float) -> Fraction:
+    """S_A of Alg. 1 at a given epoch: start + step · epoch, at most `maximum`, counted in integers (basis points):
+    an exact fraction, so that 35% + 5% is 40% and not 0.39999999999999997 (reading f)."""
+
+    def points(value: float) -> int:
+        return round(value * BASIS_POINTS)
+
+    return Fraction(min(points(start) + points(step) * epoch, points(maximum)), BASIS_POINTS)
+
+
+def class_thresholds(confidence: Tensor, prediction: Tensor, num_classes: int, portion: Fraction | float) -> Tensor:
     """Alg. 1. confidence (N,) = max_k C_k and prediction (N,) = argmax_k C_k over all target pixels.
-    δ_k = S_k[⌊portion · |S_k|⌋], S_k the confidences of pixels predicted as k sorted in descending order;
-    δ_k = 1 for a class that no pixel is predicted as. Returns (K,)."""
+    δ_k = S_k[⌊portion · |S_k|⌋], S_k the confidences of pixels predicted as k sorted in descending order, the index
+    computed exactly (`portion` as a fraction); δ_k = 1 for a class that no pixel is predicted as. Returns (K,)."""
+    portion = Fraction(portion)
     thresholds = torch.ones(num_classes, dtype=torch.float32)
     for k in range(num_classes):
         ranked = confidence[prediction == k].float().sort(descending=True).values
         if ranked.numel():
-            thresholds[k] = ranked[min(int(portion * ranked.numel()), ranked.numel() - 1)]
+            index = portion.numerator * ranked.numel() // portion.denominator
+            thresholds[k] = ranked[min(index, ranked.numel() - 1)]
     return thresholds
 
 
@@ -255,12 +386,59 @@ def selection_cost(labels: Tensor, probabilities: Tensor, thresholds: Tensor, ga
     return (-labels * log_ratio + gamma * entropy_term).sum(1)
 
 
-def target_segmentation_loss(labels: Tensor, probabilities: Tensor, thresholds: Tensor, gamma: float) -> Tensor:
-    """Eq. 7's target term, mean over the pixels whose pseudo label is not the zero vector (0 if there are none)."""
+def target_segmentation_loss(
+    labels: Tensor, probabilities: Tensor, thresholds: Tensor, gamma: float, reduction: str = "selected"
+) -> Tensor:
+    """Eq. 7's target term. "image": each image's sum over pixels divided by its pixel count (zero-vector labels
+    contribute 0), mean over the batch; "selected": mean over the pixels whose pseudo label is not the zero vector
+    (0 if there are none). Reading b of the docstring."""
+    cost = selection_cost(labels, probabilities, thresholds, gamma)
+    if reduction == "image":
+        return cost.mean()
     selected = labels.sum(1) > 0
     if not selected.any():
         return probabilities.sum() * 0.0
-    return selection_cost(labels, probabilities, thresholds, gamma)[selected].mean()
+    return cost[selected].mean()
+
+
+def source_segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """Eq. 7's source term: cross-entropy of C's logits (B, K, h, w), upsampled to the labels (B, H, W). "image":
+    each image's sum over pixels divided by its pixel count (ignored pixels contribute 0), mean over the batch;
+    "selected": mean over labelled pixels (the shared `segmentation_loss`). Reading b of the docstring."""
+    if reduction != "image":
+        return segmentation_loss(logits, labels, ignore_index)
+    logits = upsample(logits, tuple(labels.shape[-2:]))
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none").mean()
+
+
+MASKED_LOGIT = -1e4  # a logit whose softmax is 0: classes outside K (reading d)
+
+
+def restrict_classes(logits: Tensor, classes: tuple[int, ...]) -> Tensor:
+    """Logits (B, K_task, h, w) with every class outside `classes` masked out of the softmax (no-op when empty)."""
+    if not classes:
+        return logits
+    keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    keep[list(classes)] = True
+    return logits.masked_fill(~keep.view(1, -1, 1, 1), MASKED_LOGIT)
+
+
+def restrict_labels(labels: Tensor, classes: tuple[int, ...], ignore_index: int) -> Tensor:
+    """Class ids (B, H, W) with every class outside `classes` set to `ignore_index` (no-op when empty)."""
+    if not classes:
+        return labels
+    keep = torch.zeros(max(max(classes), int(labels.max())) + 1, dtype=torch.bool, device=labels.device)
+    keep[list(classes)] = True
+    valid = labels != ignore_index
+    kept = keep[torch.where(valid, labels, 0)] & valid
+    return torch.where(kept, labels, torch.full_like(labels, ignore_index))
+
+
+def domain_gap(d_source: Tensor, d_target: Tensor) -> Tensor:
+    """Fig. 3(b), reading e: the proxy A-distance 2 (1 − 2ε) of D on a batch, ε its error rate over the source
+    logits (source = 1: wrong where < 0) and the target logits (target = 0: wrong where ≥ 0), each domain half."""
+    error = 0.5 * ((d_source < 0).float().mean() + (d_target >= 0).float().mean())
+    return 2 * (1 - 2 * error)
 
 
 def class_centroid_sums(features: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -327,10 +505,12 @@ def critic_loss(value: Tensor) -> Tensor:
 
 
 def build(hp: Hyperparams, info: TaskInfo) -> nn.ModuleDict:
+    outside = [k for k in hp.trained_class_ids() if k >= info.num_classes]
+    require(not outside, f"trained_classes {outside} are not classes of the task (it has {info.num_classes})")
     segmenter = recipe_segmenter(hp, info)
     modules = {
         "segmenter": segmenter,
-        "discriminator": ConvDiscriminator(segmenter.feature_channels, downsampling=hp.discriminator_downsampling),
+        "discriminator": ConvDiscriminator(segmenter.feature_channels, downsampling=discriminator_downsampling(hp)),
     }
     if hp.critical_transfer:
         modules["quantizer"] = TransferabilityQuantizer()
@@ -343,33 +523,55 @@ def _adam(parameters, learning_rate: float, betas: tuple[float, float]) -> torch
 
 
 def optimizers(hp: Hyperparams, modules: nn.ModuleDict, num_steps: int) -> dict[str, Optim]:
+    def adam_schedule(adam: torch.optim.Adam) -> torch.optim.lr_scheduler.LRScheduler | None:
+        return poly_schedule(adam, num_steps, hp.poly_power) if hp.adam_schedule == "poly" else None  # reading c
+
     if hp.segmenter_optimizer == "sgd":
         segmenter = recipe_optim(hp, modules["segmenter"], num_steps)
     else:
         adam = _adam(modules["segmenter"].parameters(), hp.learning_rate, (hp.segmenter_beta1, hp.segmenter_beta2))
-        segmenter = Optim(adam, poly_schedule(adam, num_steps, hp.poly_power))
+        segmenter = Optim(adam, adam_schedule(adam))
     out = {"segmenter": segmenter}
     agents = {"discriminator": hp.discriminator_learning_rate}
     if hp.critical_transfer:
         agents.update(quantizer=hp.agent_learning_rate, critic=hp.agent_learning_rate)
     for name, learning_rate in agents.items():
         adam = _adam(modules[name].parameters(), learning_rate, (0.9, 0.99))
-        out[name] = Optim(adam, poly_schedule(adam, num_steps, hp.poly_power))
+        out[name] = Optim(adam, adam_schedule(adam))
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- forward paths
 
 
-def transferability_map(modules: nn.ModuleDict, features: Tensor) -> Tensor:
-    """P for features F (B, F, h, w): D's output through T_Q, Eq. 2, resized to F's size (B, 1, h, w)."""
-    p = transferability(modules["quantizer"](modules["discriminator"](features)))
+def discriminate(hp: Hyperparams, modules: nn.ModuleDict, features: Tensor) -> Tensor:
+    """D's logits on features F (B, F, h, w); features too small for D's strides are named in one line."""
+    downsampling = discriminator_downsampling(hp)
+    side = min(features.shape[-2:])
+    if discriminator_output_side(side, downsampling) < 1:
+        fits = [d for d in range(DISCRIMINATOR_LAYERS + 1) if discriminator_output_side(side, d) >= 1]
+        raise ValueError(
+            f"discriminator_downsampling={downsampling} leaves D no output on {tuple(features.shape[-2:])} features "
+            f"of {hp.architecture}; " + (f"at most {max(fits)} fit these" if fits else "no stride fits these")
+        )
+    return modules["discriminator"](features)
+
+
+def transferability_map(hp: Hyperparams, modules: nn.ModuleDict, features: Tensor) -> Tensor:
+    """P for features F (B, F, h, w): D's output probability (reading a) through T_Q, Eq. 2, resized to F's size
+    (B, 1, h, w)."""
+    d_output = discriminate(hp, modules, features)
+    if hp.quantizer_input == "probability":
+        d_output = torch.sigmoid(d_output)
+    p = transferability(modules["quantizer"](d_output))
     return F.interpolate(p, size=features.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def segment(hp: Hyperparams, modules: nn.ModuleDict, features: Features, p: Tensor | None) -> Tensor:
-    """C on the features modulated by P (or on F when p is None): logits at the classifier's resolution."""
-    return modules["segmenter"].classify(features._replace(main=modulate(features.main, p, hp.modulation)))
+    """C on the features modulated by P (or on F when p is None): logits at the classifier's resolution, classes
+    outside K masked out (reading d)."""
+    logits = modules["segmenter"].classify(features._replace(main=modulate(features.main, p, hp.modulation)))
+    return restrict_classes(logits, hp.trained_class_ids())
 
 
 def _probabilities(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -391,7 +593,7 @@ def _centroid_distributions(
     hp: Hyperparams, state: dict[str, Any], name: str, features: Tensor, weights: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Class centroids of one domain as distributions (K, F), and which classes have one (K,) (choice 3)."""
-    sums, counts = class_centroid_sums(features, weights)
+    sums, counts = class_centroid_sums(features, weights.to(features))
     present = counts > EPS
     batch = sums / counts.clamp_min(EPS).unsqueeze(1)
     if hp.centroids == "ema":
@@ -443,7 +645,7 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     hp = ctx.hp
     step = Step(
         x_s=imagenet_normalise(batch.source_image),
-        y_s=batch.source_label,
+        y_s=restrict_labels(batch.source_label, hp.trained_class_ids(), ctx.info.ignore_index),
         x_t=imagenet_normalise(batch.target_image),
         delta=_thresholds(hp, ctx.state, ctx.info.num_classes, batch.target_image.device),
     )
@@ -462,8 +664,10 @@ def line4_update_segmenter_on_source(ctx: StepContext, step: Step) -> dict[str, 
     """Alg. 2, line 4: E and C minimise the source term of L_seg (P, if any, is a given attention map here)."""
     hp, modules = ctx.hp, ctx.modules
     features = modules["segmenter"].encode(step.x_s)
-    p = transferability_map(modules, features.main).detach() if hp.critical_transfer else None
-    loss = segmentation_loss(segment(hp, modules, features, p), step.y_s, ctx.info.ignore_index)
+    p = transferability_map(hp, modules, features.main).detach() if hp.critical_transfer else None
+    loss = source_segmentation_loss(
+        segment(hp, modules, features, p), step.y_s, ctx.info.ignore_index, hp.eq7_reduction
+    )
     _descend(ctx, "segmenter", loss)
     return {"loss_seg_source": loss.detach()}
 
@@ -473,7 +677,7 @@ def line5_pseudo_labels(ctx: StepContext, step: Step) -> dict[str, Tensor]:
     """Line 5: confident soft pseudo labels of the target images, Eq. 10, at image and at E's feature resolution."""
     hp, modules = ctx.hp, ctx.modules
     features = modules["segmenter"].encode(step.x_t)
-    p = transferability_map(modules, features.main) if hp.critical_transfer else None
+    p = transferability_map(hp, modules, features.main) if hp.critical_transfer else None
     logits = segment(hp, modules, features, p)
     step.labels_t = pseudo_labels(hp, ctx.state, _probabilities(logits, step.size_t))
     step.labels_t_features = pseudo_labels(hp, ctx.state, _probabilities(logits, tuple(features.main.shape[-2:])))
@@ -485,7 +689,7 @@ def line6_update_encoder_and_discriminator(ctx: StepContext, step: Step) -> dict
     hp, modules, info = ctx.hp, ctx.modules, ctx.info
     segmenter, discriminator = modules["segmenter"], modules["discriminator"]
     features_s, features_t = segmenter.encode(step.x_s).main, segmenter.encode(step.x_t).main
-    loss_adv = domain_bce(discriminator(features_t), 1.0)
+    loss_adv = domain_bce(discriminate(hp, modules, features_t), 1.0)
     loss_encoder = hp.xi2 * loss_adv
     metrics = {"loss_adv": loss_adv.detach()}
     if hp.symmetric_divergence:
@@ -500,11 +704,11 @@ def line6_update_encoder_and_discriminator(ctx: StepContext, step: Step) -> dict
         loss_encoder = loss_encoder + hp.xi3 * loss_div
         metrics["loss_div"] = loss_div.detach()
     _descend(ctx, "segmenter", loss_encoder)  # only E has gradients: C's are None and the optimiser skips them
-    loss_d = 0.5 * (
-        domain_bce(discriminator(features_s.detach()), 1.0) + domain_bce(discriminator(features_t.detach()), 0.0)
-    )
+    d_s, d_t = discriminator(features_s.detach()), discriminator(features_t.detach())
+    loss_d = 0.5 * (domain_bce(d_s, 1.0) + domain_bce(d_t, 0.0))
     _descend(ctx, "discriminator", loss_d)
     metrics["loss_d"] = loss_d.detach()
+    metrics["domain_gap"] = domain_gap(d_s.detach(), d_t.detach())  # Fig. 3(b), reading e
     return metrics
 
 
@@ -512,11 +716,15 @@ def line7_update_quantizer(ctx: StepContext, step: Step) -> dict[str, Tensor]:
     """Line 7: T_Q minimises L_seg (both terms of Eq. 7) + ξ1 L_cri; gradients reach T_Q through P only."""
     hp, modules, info = ctx.hp, ctx.modules, ctx.info
     features_s, features_t = _frozen_features(ctx, step)
-    p_s, p_t = transferability_map(modules, features_s.main), transferability_map(modules, features_t.main)
-    loss_seg = segmentation_loss(
-        segment(hp, modules, features_s, p_s), step.y_s, info.ignore_index
+    p_s, p_t = transferability_map(hp, modules, features_s.main), transferability_map(hp, modules, features_t.main)
+    loss_seg = source_segmentation_loss(
+        segment(hp, modules, features_s, p_s), step.y_s, info.ignore_index, hp.eq7_reduction
     ) + target_segmentation_loss(
-        step.labels_t, _probabilities(segment(hp, modules, features_t, p_t), step.size_t), step.delta, hp.gamma
+        step.labels_t,
+        _probabilities(segment(hp, modules, features_t, p_t), step.size_t),
+        step.delta,
+        hp.gamma,
+        hp.eq7_reduction,
     )
     critic = modules["critic"]
     loss_cri = 0.5 * (critic_loss(critic(features_s.main, p_s)) + critic_loss(critic(features_t.main, p_t)))
@@ -533,7 +741,7 @@ def line8_update_critic(ctx: StepContext, step: Step) -> dict[str, Tensor]:
     hp, modules, info = ctx.hp, ctx.modules, ctx.info
     features_s, features_t = _frozen_features(ctx, step)
     with torch.no_grad():
-        p_s, p_t = transferability_map(modules, features_s.main), transferability_map(modules, features_t.main)
+        p_s, p_t = transferability_map(hp, modules, features_s.main), transferability_map(hp, modules, features_t.main)
         reward_s = rewards(
             _probabilities(segment(hp, modules, features_s, p_s), step.size_s),
             _probabilities(segment(hp, modules, features_s, None), step.size_s),
@@ -570,9 +778,9 @@ def eq7_update_segmenter_on_target(ctx: StepContext, step: Step) -> dict[str, Te
     """Eq. 7 / Eq. 14: E and C also minimise the target term of L_seg (docstring, choice 4)."""
     hp, modules = ctx.hp, ctx.modules
     features = modules["segmenter"].encode(step.x_t)
-    p = transferability_map(modules, features.main).detach() if hp.critical_transfer else None
+    p = transferability_map(hp, modules, features.main).detach() if hp.critical_transfer else None
     probabilities = _probabilities(segment(hp, modules, features, p), step.size_t)
-    loss = target_segmentation_loss(step.labels_t, probabilities, step.delta, hp.gamma)
+    loss = target_segmentation_loss(step.labels_t, probabilities, step.delta, hp.gamma, hp.eq7_reduction)
     _descend(ctx, "segmenter", loss)
     return {"loss_seg_target": loss.detach()}
 
@@ -603,12 +811,12 @@ def update_thresholds(ctx: StepContext, gathered: Mapping[str, Tensor]) -> dict[
     thresholds = class_thresholds(
         gathered["confidence"].cpu(), gathered["prediction"].long().cpu(), ctx.info.num_classes, portion
     )
-    return {"thresholds": thresholds, "selection_amount": portion}
+    return {"thresholds": thresholds, "selection_amount": float(portion)}  # state holds plain numbers
 
 
 def _logits(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor) -> Tensor:
     features = modules["segmenter"].encode(images)
-    p = transferability_map(modules, features.main) if hp.critical_transfer else None
+    p = transferability_map(hp, modules, features.main) if hp.critical_transfer else None
     return segment(hp, modules, features, p)
 
 
@@ -620,7 +828,7 @@ def warmup_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     """Choice 7: line 4 of Alg. 2 alone (E and C on the source term of L_seg), before pseudo labels are mined."""
     step = Step(
         x_s=imagenet_normalise(batch.source_image),
-        y_s=batch.source_label,
+        y_s=restrict_labels(batch.source_label, ctx.hp.trained_class_ids(), ctx.info.ignore_index),
         x_t=batch.source_image[:0],
         delta=torch.ones(ctx.info.num_classes),
     )
@@ -676,4 +884,5 @@ METHOD = Method(
         "cityscapes-nthu-tokyo",
         "cityscapes-nthu-taipei",
     ),
+    imagenet_backbone=True,  # "initially pre-trained by the ImageNet" (Sec. 3.5)
 )

@@ -4,23 +4,33 @@ DEFAULT_TASK = "synthetic-urban"
 
 # The small CPU network on the synthetic task: batch 8 with live batch norm and the learning rate measured for
 # source_only, so that the two compare at equal footing; its 16x32 feature map passes two stride-2 D convolutions
-# (then stride 1), not five. Two source epochs (200 steps over 800 images at batch 8; an iteration of Alg. 2 costs
-# about 1.5 s on one CPU core, so that the default sweep of two trials fits in 10 minutes on 2 cores) instead of the
-# paper's 5.
+# (then stride 1), not five, which the method derives (methods/cscl.py, reading g). Two source epochs (200 steps over
+# 800 images at batch 8; an iteration of Alg. 2 costs about 1.5 s on one CPU core, so that the default sweep of two
+# trials fits in 10 minutes on 2 cores) instead of the paper's 5.
 SYNTHETIC = {
     "architecture": "tiny",
     "freeze_batchnorm": False,
     "learning_rate": 1e-2,
     "batch_size": 8,
-    "discriminator_downsampling": 2,
     "epochs": 2.0,
 }
-TASK_DEFAULTS = {"synthetic-urban": SYNTHETIC}
+# Cityscapes → NTHU: K = the 13 classes NTHU shares with Cityscapes (Sec. 3.1, 4.1, Table 3; methods/cscl.py,
+# reading d), as trainIds: road, sidewalk, building, light, sign, vegetation, sky, person, rider, car, bus, motorcycle,
+# bicycle.
+NTHU = {"trained_classes": "0,1,2,6,7,8,10,11,12,13,15,17,18"}
+TASK_DEFAULTS = {
+    "synthetic-urban": SYNTHETIC,
+    "cityscapes-nthu-rome": NTHU,
+    "cityscapes-nthu-rio": NTHU,
+    "cityscapes-nthu-tokyo": NTHU,
+    "cityscapes-nthu-taipei": NTHU,
+}
 
 # Trial length: the stages' own budgets (`epochs` source epochs, Sec. 4.2: 5 at batch size 1 on the paper tasks,
 # i.e. 124,830 iterations on GTA5, 47,000 on SYNTHIA, 14,875 on Cityscapes as the NTHU tasks' source); no MAX_STEPS.
 
-# The paper's second setting, FCN-8s on VGG-16 (Sec. 3.5): Adam 1e-4 with betas (0.9, 0.99) for E and C, D at 1.5e-6.
+# The paper's second setting, FCN-8s on VGG-16 (Sec. 3.5): Adam 1e-4 with betas (0.9, 0.99) for E and C, D at 1.5e-6;
+# D's stride-2 layers are derived for FCN-8s's stride-32 features (2 of 5: methods/cscl.py, reading g).
 VGG16 = {
     "architecture": "fcn8s_vgg16",
     "segmenter_optimizer": "adam",
