@@ -20,14 +20,27 @@ Two stages (Sec. 2):
 Inference (Fig. 1 right): x_t → G_t→s → f_s → post-processing (per lung, the largest connected component, then
 hole filling; Sec. 3). During stage 1 the platform's evaluations segment raw target images (T-noDA).
 
-Switches reproducing the rows of Table 1 that need no target labels:
-- `adaptation="none"`: T-noDA, the segmenter on raw target images (stage 1 only);
-- `adaptation="histogram"`: T-HistM, target images histogram-matched to the source intensity histogram
-  (scikit-image `match_histograms`) before segmenting (stage 1 only; the histogram is accumulated over the source
-  images stage 1 trains on and kept in the `source_histogram` module, so it travels with the checkpoint);
-- `lambda_sem=0`: CyUDA (no D_m, no L_sem);
-- the defaults: SeUDA.
-(S-test and T-STL need target labels for training; T-FeatDA is another method.)
+Post-processing of every row. Sec. 3 states it for the evaluation as a whole, before the rows are introduced: "The
+prediction masks were post-processed with the largest connected-component selection and hole filling." So it
+applies to every prediction `predict` makes, in every stage and for every `adaptation` (S-test, T-noDA, T-HistM,
+CyUDA, SeUDA alike); `postprocess=False` turns it off for all of them. (Before issue 19 it applied to the GAN
+stage's predictions only, which compared post-processed SeUDA and CyUDA rows with raw T-noDA and T-HistM rows.)
+
+Table 1's rows, from one source segmenter. "We first established the segmenter on source training data
+independently. Next, we test the segmenter under various settings" (Sec. 3): every row uses the same f_s.
+- S-test: f_s on the source test split (Montgomery test; the source labels of that split, no target label);
+- T-noDA (`adaptation="none"`): f_s on raw target images;
+- T-HistM (`adaptation="histogram"`): target images histogram-matched to the source intensity histogram
+  (scikit-image `match_histograms`) before segmenting; the histogram is accumulated over the source images stage 1
+  trains on and kept in the `source_histogram` module, so it travels with the checkpoint;
+- CyUDA (`lambda_sem=0`, no D_m, no L_sem) and SeUDA (the defaults): the GAN stage on top of f_s.
+(T-STL trains on target labels and T-FeatDA is another method: not implemented.)
+A trial trains and evaluates one row, so the shared-segmenter protocol is a sequence of trials:
+benchmarks/seuda_table1.py trains f_s once per seed (an `adaptation=none` trial, whose final evaluation is T-noDA),
+scores its checkpoint on the source test split (S-test) and with histogram matching (T-HistM), and runs CyUDA and
+SeUDA as GAN-stage trials that reuse it through `segmenter_weights`. The 10-seed stability study (Sec. 3, "running
+each model for 10 times under different initializations") reuses one f_s for the 20 GAN trials, so that the spread
+is the GANs' own.
 
 Reusing a stage-1 segmenter: `segmenter_weights=/path/to/checkpoint.pt` (any `checkpoints/last.pt` or
 `checkpoints/best_val_target_miou.pt` of a `seuda` trial, downloaded from MLflow) loads that trial's `segmenter`
@@ -39,7 +52,13 @@ and `source_histogram` and skips stage 1, so a sweep over α, β, λ trains GANs
 
 The platform checks before any trial starts that the file exists and fits the modules. Left empty (default), every
 trial trains its own segmenter first (`segmenter_epochs` source epochs). The GAN stage lasts `gan_epochs` source
-epochs whether stage 1 runs in the trial or is reused.
+epochs (200, the printed schedule) whether stage 1 runs in the trial or is reused (`epochs(hp.gan_epochs)`; a
+`--max-steps N` scales the stages of the trial it is given, so a reused f_s leaves the GAN stage all N steps).
+
+JSRT's intensities. Sec. 3: "All the images were resized to 512×512, and rescaled to [0, 255]" and nothing else;
+the JSRT converter therefore inverts and rescales the 12-bit raw values linearly without histogram equalisation
+(the common JSRT preprocessing equalises them, which would remove much of the intensity shift Table 1 measures;
+`equalise=True` is that reading: platform/converters.py, JSRT).
 
 Choices the paper leaves open:
 1. Segmenter optimisation: "standard stochastic gradient descent", nothing else printed. The shared recipe's SGD
@@ -54,8 +73,7 @@ Choices the paper leaves open:
 5. D_m's input: masks as K-channel maps at image size, one-hot ground truth (ignored pixels all zero) vs the softmax
    of f_s(x_t→s). G_t→s's L_sem is the least-squares loss of D_m on the current fake (not the pooled one).
 6. Images enter the GANs in [-1, 1] and f_s in [0, 1] → the recipe's normalisation (the same as in stage 1).
-7. Post-processing applies to SeUDA inference (and `postprocess=False` turns it off); "largest connected component"
-   is read per lung class (8-connectivity); filled holes take the lung's class.
+7. "Largest connected component" is read per lung class (8-connectivity); filled holes take the lung's class.
 """
 
 from __future__ import annotations
@@ -111,7 +129,7 @@ class Hyperparams(SegmenterRecipe):
     segmenter_epochs: float = 200.0  # stage 1's length in source epochs: not printed, as long as the GAN stage
     gan_epochs: float = 200.0  # stage 2: CycleGAN's 200 epochs ("linearly decayed every 100 epochs", Sec. 2.3)
     segmenter_weights: WeightsFile = ""  # a seuda checkpoint whose segmenter is reused; skips stage 1
-    postprocess: bool = True  # largest connected component + hole filling (Sec. 3)
+    postprocess: bool = True  # largest connected component + hole filling, every row (Sec. 3)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -302,7 +320,7 @@ def gan_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     pairs = [("discriminator_s", x_s, fake_s, "pool_s"), ("discriminator_t", x_t, fake_t, "pool_t")]
     if semantic:
         metrics["loss_sem"] = sem.detach()
-        real_masks = one_hot_masks(batch.source_label, ctx.info.num_classes, ctx.info.ignore_index)
+        real_masks = one_hot_masks(batch.source_label, ctx.info.num_classes, ctx.info.ignore_index).to(predicted_masks)
         pairs.append(("discriminator_m", real_masks, predicted_masks, "pool_m"))
     for name, real, fake, pool_name in pairs:
         pool = _pool(ctx, pool_name)
@@ -393,13 +411,14 @@ def translate(modules: nn.ModuleDict, images: Tensor) -> Tensor:
 
 @torch.no_grad()
 def predict(hp: Hyperparams, modules: nn.ModuleDict, images: Tensor, stage: StagePosition) -> Tensor:
-    """Logits (or one-hot scores after post-processing) at image size, by the inference path of `adaptation`."""
+    """Logits at image size by the inference path of `adaptation` (through G_t→s in the GAN stage), or, with
+    `postprocess` (every row, every stage: docstring), one-hot scores of the post-processed masks."""
     if hp.adaptation == "histogram":
         images = histogram_match(images, modules["source_histogram"].counts)
     elif hp.adaptation == "seuda" and stage.name == "translate":
         images = translate(modules, images)
     logits = segment(modules, images)
-    if not (hp.postprocess and hp.adaptation == "seuda" and stage.name == "translate"):
+    if not hp.postprocess:
         return logits
     labels = logits.argmax(1).cpu().numpy()
     cleaned = np.stack([postprocess(label, logits.shape[1]) for label in labels])
