@@ -57,7 +57,7 @@ Choices the paper leaves open or prints ambiguously (each a hyperparameter where
    pool 50, inputs in [-1, 1]); Adam constant for `gan_constant_share` = half the stage, then linear to 0
    (CycleGAN; "initial learning rate" implies a decay). Crop: `translation_crop` (a random square crop of the
    source image and its label, and of the target image, drawn with the step's generator; 0 = full frames); 400 on
-   the Cityscapes tasks (CyCADA's GTA5 → Cityscapes setting), full frames on the synthetic task. G is applied to
+   the Cityscapes tasks (CyCADA's GTA5 → Cityscapes setting), 32 on the synthetic task (CPU budget). G is applied to
    full frames in stage 2 (fully convolutional; sizes must be divisible by 4, 720x1280 and 760x1280 are).
 5. S (Eq. 4) is not specified: the platform's DeepLab-v2 recipe on raw source images (the `source_only` baseline).
    L_sem follows Eq. 4: the cross-entropy of S(G(x_s)) against the source label y_s (ignored pixels excluded), not
@@ -235,7 +235,7 @@ class Hyperparams(SegmenterRecipe):
             require(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
         require(
             self.translation_crop >= 0 and self.translation_crop % 4 == 0,
-            f"translation_crop must be 0 or a positive multiple of 4, G's size constraint (got {self.translation_crop})",
+            f"translation_crop must be 0 or a positive multiple of 4, as G needs (got {self.translation_crop})",
         )
         require(0 < self.pseudo_label_cap <= 1, f"pseudo_label_cap must be in (0, 1] (got {self.pseudo_label_cap})")
         require(
