@@ -313,7 +313,7 @@ def select(configurations: Sequence[Configuration], rule: Rule) -> Selection:
     if not candidates:
         reason = "no finished run has " + rule.choose_by
         if rule.choose_by == SOURCE_VAL:
-            reason += " (the task has no source-validation split: see platform/tasks.py, `source_val`)"
+            reason += " (no task holds out a source-validation slice yet: the rule applies once trials log it)"
         return Selection(rule, None, reason)
     return Selection(rule, max(candidates, key=lambda c: c.stat(rule.choose_by).mean))
 
