@@ -53,6 +53,7 @@ SOURCE_VAL = "val_source/miou"
 LUNG_METRICS = ("dice", "recall", "precision", "asd_mm")  # platform.metrics.LUNG_METRICS (not imported: no torch)
 SWEEP_TAG, PARENT_TAG, TRIAL_TAG = "uda.sweep", "mlflow.parentRunId", "uda.trial_id"
 RETRIED_TAG, DEFAULTS_TAG, POINT_TAG = "uda.retried", "uda.defaults", "uda.point"
+EXPLOIT = "uda.pbt.exploit.step-"  # loop.TrialRunner: a PBT member restored from another trial's checkpoint
 # What a child run's params hold besides the method's hyperparameters (tuning.run_trial)
 RUN_PARAMS = ("seed", "steps", "stage_steps", "max_steps", "eval_every", "workers")
 
@@ -399,6 +400,7 @@ class SweepInfo:
     swept: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)  # every hyperparameter's value when nothing is swept
     subsets: tuple[str, ...] = ()  # the task's subset means (miou13)
+    scheduler: str = ""  # asha, pbt or "" (none)
 
 
 def sweep_report(
@@ -406,9 +408,11 @@ def sweep_report(
     runs: Sequence[RunRecord],
     paper: Mapping[str, Any] | None = None,
     baselines: Sequence[RunRecord] = (),
+    histories: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]] | None = None,
 ) -> Report:
     """The sweep's report from its child runs (pure). `paper`: the method's PAPER_RESULTS; `baselines`: finished
-    source_only runs on the same task (any experiment) for the "vs source_only" line."""
+    source_only runs on the same task (any experiment) for the "vs source_only" line; `histories` (PBT): per run id,
+    each `hp/<name>` metric's (step, value) points."""
     configurations = group_runs(runs, info.swept, info.points, info.defaults)
     if info.mode in ("random", "tpe"):
         configurations = rank(configurations)
@@ -432,6 +436,8 @@ def sweep_report(
     baseline = _baseline_table(info, configurations, baselines, headline, own, entries, paper or {})
     if baseline is not None:
         tables.append(baseline)
+    if info.scheduler == "pbt":
+        tables.append(population_table(runs, histories or {}))
     finished = sum(len(c.runs) for c in configurations)
     unfinished = sum(c.unfinished for c in configurations)
     lines = [
@@ -672,6 +678,38 @@ def _baseline_table(
         ["baseline", "steps", f"{headline} (last)", f"{info.method} defaults − baseline", "comparable?"],
         rows,
         notes,
+    )
+
+
+def population_table(runs: Sequence[RunRecord], histories: Mapping[str, Mapping[str, Sequence[tuple]]]) -> Table:
+    """PBT's final population: each member's scores and the history of the hyperparameters PBT changed
+    (`hp/<name>` at each evaluation, a change shown as value@step), and whose checkpoints it took (exploit tags)."""
+    rows = []
+    for run in sorted(runs, key=lambda r: -r.value(LAST) if r.value(LAST) == r.value(LAST) else math.inf):
+        changes = []
+        for name, points in sorted(histories.get(run.run_id, {}).items()):
+            steps, last = [], None
+            for step, value in sorted(points):
+                if value != last:
+                    steps.append(f"{compact(float(value))}@{step}")
+                    last = value
+            changes.append(f"{name.removeprefix('hp/')}: " + " → ".join(steps))
+        exploits = [f"{v}@{int(k.rsplit('-', 1)[1])}" for k, v in sorted(run.tags.items()) if k.startswith(EXPLOIT)]
+        rows.append(
+            [run.name, run.seed, _num(run.value(LAST)), _num(run.value(BEST)), "; ".join(changes), ", ".join(exploits)]
+        )
+    return Table(
+        "PBT population (final members, best last mIoU first)",
+        [
+            "member",
+            "seed",
+            "mIoU (last)",
+            "mIoU (best ckpt)†",
+            "hyperparameters (value@step)",
+            "exploited (trial@step)",
+        ],
+        rows,
+        ["a member continues from another's checkpoint when it exploits; its hyperparameters are then perturbed"],
     )
 
 
@@ -1120,6 +1158,7 @@ def sweep_info(parent: RunRecord, definition: Mapping[str, Any], experiment: str
         swept=swept,
         defaults=_defaults(method, base),
         subsets=_subsets(task),
+        scheduler=str(params.get("scheduler") or ""),
     )
 
 
@@ -1158,7 +1197,16 @@ def load_sweep_report(tracking_uri: str, sweep: str) -> Report:
             for r in _all_runs(client, f"tags.method = 'source_only' and tags.task = '{info.task}'")
             if PARENT_TAG in r.data.tags and r.info.status == "FINISHED" and RETRIED_TAG not in r.data.tags
         ]
-    return sweep_report(info, [RunRecord.from_run(r) for r in runs], paper_results(info.method), baselines)
+    records = [RunRecord.from_run(r) for r in runs]
+    histories = {}
+    if info.scheduler == "pbt":
+        for run in records:
+            histories[run.run_id] = {
+                key: [(m.step, m.value) for m in client.get_metric_history(run.run_id, key)]
+                for key in run.metrics
+                if key.startswith("hp/")
+            }
+    return sweep_report(info, records, paper_results(info.method), baselines, histories)
 
 
 def load_task_report(tracking_uri: str, task: str, rule: str) -> Report:

@@ -238,3 +238,17 @@ def test_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "no trials on task 'synthetic-cxr'" in capsys.readouterr().err
     assert report.main(["sweep-a", "--tracking-uri", uri]) == 0  # a sweep without trials yet: an empty table
     assert "sweep sweep-a" in capsys.readouterr().out
+
+
+def test_pbt_population_shows_each_members_hyperparameter_history_and_exploits():
+    members = [
+        RunRecord("a", "lr · seed 0", "FINISHED", {"seed": "0"}, {"uda.pbt.exploit.step-00000020": "t2"},
+                  {LAST: 40.0, BEST: 41.0, "hp/learning_rate": 0.012}),
+        RunRecord("b", "lr · seed 1", "FINISHED", {"seed": "1"}, {}, {LAST: 45.0, BEST: 45.0}),
+    ]  # fmt: skip
+    histories = {"a": {"hp/learning_rate": [(10, 0.01), (20, 0.012), (30, 0.012)]}}
+    built = report.sweep_report(info(scheduler="pbt", points=None, swept=()), members, {}, histories=histories)
+    table = built.tables[-1]
+    assert table.title.startswith("PBT population")
+    assert table.rows[0][0] == "lr · seed 1"  # best last mIoU first
+    assert table.rows[1][4:] == ["learning_rate: 0.01@10 → 0.012@20", "t2@20"]
