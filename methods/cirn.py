@@ -81,8 +81,9 @@ Choices the paper leaves open or prints ambiguously (each a hyperparameter where
 9. Eq. 7 omits D: read as D's objective −E[log D(P_I)] − E[(λ_cos R + ε) log(1 − D(P_T))], so D's labels are
    CIR = 1 and target = 0 as printed (CLAN's code uses 0 and 1: the same game with D's sign flipped). The
    segmenter's side (what λ_adv scales in Eq. 8) is the non-saturating flip −E[(λ_cos R + ε) log D(P_T)]: "large
-   weights will be assigned as to encourage segmentation model to fool discriminator D". D's CIR term is
-   unweighted; D's loss is not scaled by λ_adv. D's output (stride 32) is upsampled bilinearly to the image size
+   weights will be assigned as to encourage segmentation model to fool discriminator D"; Eq. 7's CIR term
+   −E[log D(P_I)] is D's alone (P_I "is fed to D" to train it, as in CLAN and AdaptSegNet), unweighted, and D's
+   loss is not scaled by λ_adv. D's output (stride 32) is upsampled bilinearly to the image size
    and multiplied per pixel by the weight map there (CLAN). R = 1 − cos over classes of softmax(Up(z_C)) and
    softmax(Up(z_ACM)) at the target image size, for target images only.
 10. The weight map's gradient: `detach_weight_map=False` (default) lets the segmenter's adversarial term also
