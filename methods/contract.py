@@ -40,6 +40,7 @@ there (they would be saved into every checkpoint): declare them in `TargetPass.s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import typing
@@ -192,10 +193,30 @@ class StepContext:
     source_epoch: int = 0  # completed passes over the source training set since the stage started
     all_reduce_mean: Callable[[Tensor], Tensor] = _identity
     all_reduce_sum: Callable[[Tensor], Tensor] = _identity
+    # Mixed precision (`--precision`): "fp32" (the papers' setting), "bf16" or "fp16". The platform runs every step
+    # under torch.autocast for bf16/fp16; a step calls `ctx.backward(loss)` and `ctx.step(name)` instead of
+    # `loss.backward()` and `optimizer.step()`, so that fp16's gradient scaler applies, and computes what must stay
+    # in float32 (GAN and KL terms, softmax thresholds, entropies) inside `with ctx.full_precision():` on `.float()`
+    # inputs. Under fp32 all three are the plain operations.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    scaler: Any = None  # torch.amp.GradScaler under fp16 (the platform's; updated once per step)
 
     @property
     def position(self) -> StagePosition:
         return StagePosition(self.stage, self.stage_index, self.round)
+
+    def backward(self, loss: Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, name: str) -> None:
+        optimizer = self.optimizers[name]
+        optimizer.step() if self.scaler is None else self.scaler.step(optimizer)
+
+    def full_precision(self) -> typing.ContextManager[None]:
+        """A block computed in float32 whatever `precision` is (autocast off; give it `.float()` inputs)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, enabled=False)
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,12 @@ def build_parser(single: bool) -> argparse.ArgumentParser:
             type=int,
             help="--search: configurations to sample (default 2); --grid: repeats of every point (default 1)",
         )
-        parser.add_argument("--scheduler", choices=("asha",), help="early stopping of weak trials")
+        parser.add_argument(
+            "--scheduler",
+            choices=("asha", "pbt"),
+            help="asha: stop weak trials early; pbt: Population Based Training over the search space's PERTURBABLE "
+            "fields (with --search random and --num-samples N, the population; one worker per trial)",
+        )
         parser.add_argument("--seeds", default="0", help="comma-separated seeds, an axis of the sweep (default 0)")
     parser.add_argument(
         "--set",
@@ -116,6 +121,19 @@ def build_parser(single: bool) -> argparse.ArgumentParser:
         help="how a trial trains: train = a Ray Train worker group (TorchTrainer); inline = in the "
         "Tune trial's own process (one worker, ~12 s less per trial); auto (default) = inline "
         "for --workers 1, else train",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="fp32 (default, the papers' setting), or mixed precision through torch.autocast: bf16, or fp16 with a "
+        "gradient scaler (GPU clusters); GAN, KL and threshold terms stay in float32",
+    )
+    parser.add_argument(
+        "--fresh-trial-processes",
+        action="store_true",
+        help="start a new Tune process for every inline trial instead of reusing finished trials' processes "
+        "(what the platform did before; for benchmarks/trial_starts.py)",
     )
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
     parser.add_argument("--storage-path", help=f"Ray results and checkpoints (default {config.DEFAULT_STORAGE})")
@@ -191,6 +209,8 @@ def make_plan(args: argparse.Namespace, single: bool) -> Plan:
         sweep = config.plan_sweep(
             resolved, args.grid, args.search, args.num_samples, seeds, list(overrides), sampling_seed=seeds[0]
         )
+        if args.scheduler == "pbt":
+            config.check_pbt(resolved, sweep, config.trial_runner(getattr(args, "trial_runner", "auto"), args.workers))
     mode = "train" if single else (f"grid-{sweep.grid_name}" if sweep.mode == "grid" else sweep.mode)
     storage = _storage(args)
     name = args.name or (
@@ -503,7 +523,7 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
 
     resolved, sweep = plan.resolved, plan.sweep
     tracker = tracking.Tracker(plan.tracking_uri)
-    experiment_id = tracker.experiment(plan.experiment)
+    experiment_id = tracker.experiment(plan.experiment, _experiment_description(plan))
     code = tracking.code_version(cluster.REPOSITORY_ROOT)
     parent = tracker.find_sweep(experiment_id, plan.name) if plan.args.resume else None
     if parent is None:
@@ -511,7 +531,12 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
             experiment_id,
             plan.name,
             params=_sweep_params(plan),
-            tags={"method": resolved.method.name, "task": resolved.task.name, "code_version": code},
+            tags={
+                "method": resolved.method.name,
+                "task": resolved.task.name,
+                "code_version": code,
+                tracking.NOTE_TAG: f"Sweep running: {describe_sweep(plan)}. Its report replaces this note when it ends.",
+            },
             artifacts={"sweep.json": json.dumps(_sweep_definition(plan), indent=2, default=str)},
         )
     else:
@@ -542,6 +567,9 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
         code_version=code,
         fingerprints=fingerprints,
         defaults=config.hyperparams_dict(resolved.method, resolved.base),
+        slots=_slot_keeper(plan, concurrency) if plan.args.resume else "",
+        tracked=resolved.space.perturbable if plan.scheduler == "pbt" else (),
+        precision=getattr(plan.args, "precision", "fp32"),
     )
     inline = plan.runner == config.INLINE
     trainable = tune.with_resources(
@@ -552,6 +580,9 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
     # Ctrl-C must reach this driver as KeyboardInterrupt: Tune's own SIGINT handler ends fit() normally and returns
     # results that look finished. Tune saves its experiment state periodically, so --resume still works.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune's console (status tables with cut-off configs, a TensorBoard hint) gives way to our progress lines: the
+    # legacy output engine at verbosity 0 prints nothing (the new one still prints its start and end blocks)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     status, results = "FAILED", None
     try:  # from here on, whatever fails, the parent run ends (never left RUNNING)
         if not plan.args.resume:
@@ -573,8 +604,15 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
                     mode=tuning.MODE,
                     num_samples=tuning.num_tune_samples(sweep),
                     search_alg=tuning.searcher(sweep, sweep.seeds[0]),
-                    scheduler=tuning.scheduler(plan.scheduler, reports),
+                    scheduler=tuning.scheduler(
+                        plan.scheduler, reports, resolved.space.ranges, resolved.space.perturbable
+                    ),
                     max_concurrent_trials=concurrency,
+                    # an inline trial's Tune process trains the next trial too (no fresh interpreter importing torch,
+                    # Ray and MLflow per trial); Tune reuses it only once the previous trial's thread has ended
+                    # (FunctionTrainable.reset_config waits 2 s, else starts a new process), so a trial stopped by
+                    # ASHA mid-step or exploited by PBT never shares a process with a running one
+                    reuse_actors=inline and not getattr(plan.args, "fresh_trial_processes", False),
                     trial_dirname_creator=lambda trial: trial.trial_id,
                     trial_name_creator=lambda trial: trial.trial_id,
                 ),
@@ -582,9 +620,15 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
                 run_config=tune.RunConfig(
                     name=plan.name,
                     storage_path=plan.storage_path,
-                    verbose=1,
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2) if inline else None,
+                    verbose=0,  # our progress lines instead of Tune's tables (platform/progress.py)
+                    # PBT restores a trial from another's checkpoint, possibly evaluations later (it waits for a
+                    # slot): keep them all; otherwise the latest two
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if plan.scheduler == "pbt" else 2)
+                    if inline
+                    else None,
                     failure_config=tune.FailureConfig(max_failures=plan.args.max_failures if inline else 0),
+                    # saved with the sweep, so that a resumed sweep's trials give their slots back (tuning.py)
+                    callbacks=[tuning.SlotRelease(tuning.slot_keeper_name(plan.name)), _progress(plan)],
                 ),
             )
         results = tuner.fit()
@@ -598,6 +642,20 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
     if status == "KILLED":
         return 130
     return 0 if results is not None and results.num_terminated else 1
+
+
+_KEEPERS: list = []  # a named actor lives as long as a handle to it: the driver keeps its keepers'
+
+
+def _slot_keeper(plan: Plan, concurrency: int) -> str:
+    """A resumed sweep caps its running trials itself (tuning.SlotKeeper): Tune does not for restored trials."""
+    from platform import tuning
+
+    name = tuning.slot_keeper_name(plan.name)
+    _KEEPERS.append(
+        tuning.SlotKeeper.options(name=name, namespace=tuning.SLOTS_NAMESPACE, get_if_exists=True).remote(concurrency)
+    )
+    return name
 
 
 def _reconcile(tracker: tracking.Tracker, experiment_id: str, parent: str, results: Any) -> None:
@@ -629,7 +687,7 @@ def _parent_reason(status: str, results: Any) -> str:
     return f"no trial finished ({errors} failed)"
 
 
-def _sweep_params(plan: Plan) -> dict[str, Any]:
+def _sweep_settings(plan: Plan) -> dict[str, Any]:
     sweep = plan.sweep
     return {
         "method": plan.resolved.method.name,
@@ -646,9 +704,21 @@ def _sweep_params(plan: Plan) -> dict[str, Any]:
     }
 
 
+def _sweep_params(plan: Plan) -> dict[str, Any]:
+    """The parent run's params: the sweep's own settings as `sweep.<setting>`, apart from the method's
+    hyperparameters, which keep their Hyperparams field names: every field the sweep holds fixed, at the value
+    its trials use (the swept ones are set at the end to the best trial's values)."""
+    swept = set(plan.sweep.swept_keys if plan.sweep.mode != "tpe" else plan.resolved.space.ranges)
+    fixed = config.hyperparams_dict(plan.resolved.method, plan.resolved.base)
+    return {
+        **{f"sweep.{key}": value for key, value in _sweep_settings(plan).items()},
+        **{key: value for key, value in fixed.items() if key not in swept},
+    }
+
+
 def _sweep_definition(plan: Plan) -> dict[str, Any]:
     return {
-        **_sweep_params(plan),
+        **_sweep_settings(plan),
         "points": list(plan.sweep.points),
         "ranges": dict(plan.resolved.space.ranges),
         "num_samples": plan.sweep.num_samples,
@@ -656,6 +726,42 @@ def _sweep_definition(plan: Plan) -> dict[str, Any]:
         "data_root": plan.data_root,
         "storage_path": plan.storage_path,
     }
+
+
+def describe_sweep(plan: Plan) -> str:
+    sweep = plan.sweep
+    what = f"grid {sweep.grid_name}" if sweep.grid_name else f"{sweep.mode} search"
+    return (
+        f"{plan.resolved.method.name} on {plan.resolved.task.name}, {what}, {sweep.num_trials} trial(s), "
+        f"seeds {','.join(map(str, sweep.seeds))}"
+    )
+
+
+def _experiment_description(plan: Plan) -> str:
+    method, task = plan.resolved.method, plan.resolved.task
+    return (
+        f"**{method.name}** on **{task.name}** ({task.description}). Paper: {method.paper}.\n\n"
+        "One parent run per sweep (`python -m platform.sweep`): its description is the sweep's report (mean ± std "
+        "over seeds per configuration, the paper's numbers, the selection rules), its artifacts the report in "
+        "Markdown, HTML, CSV and JSON with plots, its metrics the best trial's. One child run per trial, named by its "
+        "swept values and seed; the defaults trial is tagged `uda.defaults=true`. Tables from the command line: "
+        "`python -m platform.report SWEEP`."
+    )
+
+
+def _progress(plan: Plan) -> Any:
+    from platform.progress import ProgressLines, point_key
+
+    resolved = plan.resolved
+    points = plan.sweep.points if plan.sweep.mode != "tpe" else plan.sweep.points[:1]
+    totals = {}
+    for point in points:
+        try:
+            totals[point_key(point)] = sum(config.trial_steps(resolved, point, plan.data_root, plan.args.workers))
+        except Exception:  # a length that cannot be worked out here only leaves the "/total" off the lines
+            pass
+    defaults = config.hyperparams_dict(resolved.method, resolved.base)
+    return ProgressLines(totals, defaults, plan.sweep.num_trials)
 
 
 def _summarise(
@@ -695,9 +801,55 @@ def _summarise(
                 )
         print(f"  checkpoints: {artifacts}/best_val_target_miou.pt (best on target val) and {artifacts}/last.pt")
         print(f"  MLflow run: {best.info.run_id} (sweep run {parent}, experiment {plan.experiment!r})")
+    _report_on_parent(plan, tracker, parent, scored, status)
     print(f"View: {tracking.ui_command(plan.tracking_uri)}")
+    print(f"  runs table (Model training view): {tracking.ui_link(plan.tracking_uri, experiment_id)}")
+    print(f"  this sweep's report: {tracking.ui_link(plan.tracking_uri, experiment_id, parent)}")
     if status == "KILLED":
         print(f"Continue: {plan_resume_command(plan)}")
+
+
+NOTE_LIMIT = 7500  # MLflow keeps tag values up to 8,000 characters
+
+
+def _report_on_parent(plan: Plan, tracker: tracking.Tracker, parent: str, scored: list, status: str) -> None:
+    """The sweep's report (platform.report, read back from the store) on its parent run: the description is the
+    table in Markdown, the artifacts `report/` (Markdown, HTML, CSV, JSON, plots), the metrics and a tag the best
+    trial's (best evaluation on target val). Printed too. A report that fails never fails the sweep."""
+    import tempfile
+
+    from mlflow.entities import Metric, Param
+
+    from platform import report
+
+    try:
+        built = report.load_sweep_report(plan.tracking_uri, parent)
+        markdown = report.to_markdown(built)
+        with tempfile.TemporaryDirectory(prefix="uda-report-") as directory:
+            report.write(built, directory)
+            tracker.client.log_artifacts(parent, directory, artifact_path="report")
+        brief = report.to_markdown(dataclasses.replace(built, tables=built.tables[:2], plots={}))
+        note = markdown if len(markdown) <= NOTE_LIMIT else brief + "\nThe full report: artifacts `report/report.md`.\n"
+        if status != "FINISHED":
+            reason = tracker.client.get_run(parent).data.tags.get(tracking.REASON_TAG, "")
+            note = f"**{status}**: {reason}\n\n{note}"
+        tracker.client.set_tag(parent, tracking.NOTE_TAG, note[:NOTE_LIMIT])
+        if scored:
+            best = max(scored, key=lambda r: r.data.metrics["val_target/best_miou"])
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, v, now, 0) for k, v in best.data.metrics.items() if k.startswith("val_") and v == v]
+            for start in range(0, len(metrics), 1000):
+                tracker.client.log_batch(parent, metrics=metrics[start : start + 1000])
+            tracker.client.set_tag(parent, tracking.BEST_TAG, f"{best.info.run_name} ({best.info.run_id})")
+            logged = tracker.client.get_run(parent).data.params
+            swept = plan.sweep.swept_keys if plan.sweep.mode != "tpe" else tuple(plan.resolved.space.ranges)
+            values = {k: best.data.params[k] for k in swept if k in best.data.params and k not in logged}
+            if values:
+                tracker.client.log_batch(parent, params=[Param(k, v) for k, v in values.items()])
+        print("\n" + brief.split("\n### Model selection")[0].rstrip())
+        print(f"Report: python -m platform.report {plan.name} --tracking-uri {plan.tracking_uri}")
+    except Exception as error:  # the trials and their runs are what matters; say why the report is missing
+        print(f"(the sweep's report could not be made: {type(error).__name__}: {error})")
 
 
 def plan_resume_command(plan: Plan) -> str:

@@ -236,6 +236,25 @@ class Sweep:
         return tuple(dict.fromkeys(k for p in self.points for k in p))
 
 
+def check_pbt(resolved: Resolved, sweep: Sweep, runner: str) -> None:
+    """Population Based Training evolves a sampled population of inline trials over the PERTURBABLE fields."""
+    space = resolved.space
+    if sweep.mode != "random":
+        raise UsageError(
+            "--scheduler pbt evolves a population sampled from RANGES: use --search random (the default) "
+            "with --num-samples N, not --grid or --search tpe"
+        )
+    if not space.perturbable:
+        raise UsageError(f"search_spaces/{resolved.method.name}.py declares no PERTURBABLE fields for --scheduler pbt")
+    if sweep.num_samples < 2:
+        raise UsageError(f"--scheduler pbt needs a population: --num-samples >= 2 (got {sweep.num_samples})")
+    if runner != INLINE:
+        raise UsageError(
+            "--scheduler pbt exploits Tune checkpoints, which Ray Train trials keep in Ray Train's own "
+            "storage: use one worker per trial (the inline runner)"
+        )
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())

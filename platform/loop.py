@@ -57,6 +57,7 @@ from platform.metrics import LungMetrics, confusion_matrix, segmentation_metrics
 from platform.stream import Placement, Policy, TrainStream, decode_sample, eval_batches, finish, first_rows, place_map
 
 PRIMARY_METRIC = "val_target/miou"
+PREDICTIONS = "uda/predictions"  # Evaluator.samples' key for the platform's prediction grid (no method's name)
 log = logging.getLogger(__name__)
 
 
@@ -79,8 +80,11 @@ class TrialSpec:
     eval_batch_size: int = 16
     threads: int = 1  # torch intra-op threads per worker (= CPUs per worker)
     sync_batchnorm: bool = False  # batch statistics over all workers (GPU workers only; see platform/distributed.py)
-    tags: Mapping[str, str] = field(default_factory=dict)  # extra context for checkpoint sidecars
+    tags: Mapping[str, str] = field(default_factory=dict)  # extra context for checkpoint sidecars; "trial_id" marks
+    # the trial's checkpoints, so that a trial restored from another's (PBT's exploit) says whose it took
+    tracked_hyperparams: tuple[str, ...] = ()  # logged as hp/<name> at every evaluation (values PBT changes)
     store_root: str | None = None  # the per-sample store's root in the trial's storage (None: a temporary dir)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: torch.autocast for steps and predict (StepContext.precision)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +110,8 @@ class RunLogger(Protocol):
     def log_checkpoint(self, kind: str, modules: nn.ModuleDict, meta: Mapping[str, Any]) -> None: ...
 
     def log_images(self, images: Mapping[str, torch.Tensor], step: int) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
 
 class LocalSession:
@@ -196,6 +202,7 @@ class Trial:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    scaler: Any = None  # torch.amp.GradScaler under fp16
 
     @property
     def total_steps(self) -> int:
@@ -224,6 +231,9 @@ def open_trial(spec: TrialSpec, device: torch.device, rank: int = 0, world_size:
         "target_train": split_files(spec.data_root, task.target_train.dataset, task.target_train.split),
         "target_val": split_files(spec.data_root, task.target_val.dataset, task.target_val.split),
     }
+    if spec.precision not in ("fp32", *PRECISIONS):
+        raise ValueError(f"precision must be fp32, bf16 or fp16 (got {spec.precision!r})")
+    scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16" else None
     return Trial(
         spec,
         method,
@@ -239,6 +249,7 @@ def open_trial(spec: TrialSpec, device: torch.device, rank: int = 0, world_size:
         device,
         rank,
         world_size,
+        scaler,
     )
 
 
@@ -324,10 +335,24 @@ def _state(optims: Mapping[str, Optim]) -> dict[str, Any]:
 
 
 def _load(optims: Mapping[str, Optim], state: Mapping[str, Any]) -> None:
+    """Continue saved optimisers and schedules. The learning rates the factory just built from the trial's
+    hyperparameters win over the saved ones: where they differ (PBT perturbed them before restoring another trial's
+    checkpoint), every group's rate is rescaled by new ÷ saved base rate, so the schedule continues from its step
+    with the new rate; where they are equal nothing changes."""
     for name, optim in optims.items():
+        groups = optim.optimizer.param_groups
+        fresh = list(optim.scheduler.base_lrs) if optim.scheduler is not None else [g["lr"] for g in groups]
         optim.optimizer.load_state_dict(state["optimizers"][name])
         if optim.scheduler is not None:
             optim.scheduler.load_state_dict(state["schedulers"][name])
+            saved = list(optim.scheduler.base_lrs)
+            optim.scheduler.base_lrs = fresh
+        else:
+            saved = [group["lr"] for group in optim.optimizer.param_groups]
+        for group, new, old in zip(optim.optimizer.param_groups, fresh, saved):
+            if new != old:
+                group["lr"] *= new / old
+                group["initial_lr"] = new
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -370,8 +395,24 @@ def enter_stage(
         round=position.round,
         all_reduce_mean=distributed.all_reduce_mean,
         all_reduce_sum=distributed.all_reduce_sum,
+        precision=trial.spec.precision,
+        scaler=trial.scaler,
     )
     return EnteredStage(stage, position, trial.budgets[index], optims, ctx)
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(trial: Trial) -> contextlib.AbstractContextManager:
+    """The trial's precision for steps and predict: torch.autocast in bf16/fp16, nothing in fp32."""
+    return _autocast(trial.device, trial.spec.precision)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
 def start_stage(entered: EnteredStage) -> None:
@@ -577,15 +618,18 @@ def evaluate_split(
     world_size: int,
     device: torch.device,
     prefix: str,
+    precision: str = "fp32",
 ) -> dict[str, float]:
-    """One pass over a labelled split (this worker's share), metrics reduced over all workers."""
+    """One pass over a labelled split (this worker's share), metrics reduced over all workers; `predict` runs under
+    the trial's precision (autocast for bf16/fp16), its logits are scored in float32."""
     info = task.info
     matrix = torch.zeros(info.num_classes, info.num_classes, dtype=torch.int64)
     lungs = LungMetrics(info.class_names) if task.lung_metrics else None
     columns = ["image", "label"] + (["spacing_mm"] if lungs else [])
     with all_eval(modules):
         for batch in eval_batches(files, columns, batch_size, info.num_classes, rank, world_size, task.target_size):
-            logits = method.predict(hp, modules, batch["image"].to(device), stage)
+            with _autocast(device, precision):
+                logits = method.predict(hp, modules, batch["image"].to(device), stage).float()
             label = batch["label"]
             if tuple(logits.shape[-2:]) != tuple(label.shape[-2:]):
                 logits = nn.functional.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
@@ -607,6 +651,7 @@ class Evaluator:
     def __init__(self, trial: Trial, sample_count: int = 4):
         self.trial, self.sample_count = trial, sample_count
         self._sample_images: SampleImages | None = None
+        self._labelled: dict[str, torch.Tensor] | None = None  # the prediction grid's images and labels
 
     def evaluate(self, position: StagePosition, split: str = "target_val", prefix: str = "val_target") -> dict:
         trial = self.trial
@@ -622,16 +667,36 @@ class Evaluator:
             trial.world_size,
             trial.device,
             prefix,
+            trial.spec.precision,
         )
 
     def samples(self, position: StagePosition) -> dict[str, torch.Tensor]:
-        """`method.samples` on the first target validation and source training images, modules in eval mode."""
+        """`method.samples` on the first target validation and source training images, modules in eval mode, and
+        under `PREDICTIONS` the platform's grid for every method: those target images | `method.predict` | ground
+        truth in the task's colours, (H, W, 3) uint8 (the Reporter logs it apart from the method's own)."""
         trial = self.trial
-        if trial.method.samples is None:
-            return {}
-        images = self.sample_images()
+        out: dict[str, torch.Tensor] = {}
         with all_eval(trial.modules):
-            return dict(trial.method.samples(trial.hp, trial.modules, images, position))
+            if trial.method.samples is not None:
+                out.update(trial.method.samples(trial.hp, trial.modules, self.sample_images(), position))
+            out[PREDICTIONS] = self._prediction_grid(position)
+        return out
+
+    def _prediction_grid(self, position: StagePosition) -> torch.Tensor:
+        from platform.tracking import label_palette, prediction_grid
+
+        trial = self.trial
+        if self._labelled is None:
+            columns, count, size = ["image", "label"], self.sample_count, trial.task.target_size
+            self._labelled = next(
+                eval_batches(trial.files["target_val"], columns, count, trial.info.num_classes, size=size)
+            )
+        images, labels = self._labelled["image"].to(trial.device), self._labelled["label"]
+        logits = trial.method.predict(trial.hp, trial.modules, images, position)
+        if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
+            logits = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        grid = prediction_grid(images, logits.argmax(1).cpu(), labels, label_palette(trial.info.class_names))
+        return torch.from_numpy(grid)
 
     def sample_images(self) -> SampleImages:
         if self._sample_images is None:
@@ -708,6 +773,9 @@ class Reporter:
             {"step": step, "stage_index": progress.stage_index, "val_target/best_miou": progress.best_metric}
         )
         logged.update({"stage_index": progress.stage_index, "val_target/best_miou": progress.best_metric})
+        logged.update(
+            {f"hp/{name}": float(getattr(self.trial.hp, name)) for name in self.trial.spec.tracked_hyperparams}
+        )
         self.evaluations.append(metrics)
         with tempfile.TemporaryDirectory(prefix="uda-ckpt-") as directory:
             checkpoint_dir = None
@@ -721,8 +789,11 @@ class Reporter:
             self.logger.log_checkpoint(checkpoints.LAST, self.trial.modules, meta)
             if improved:
                 self.logger.log_checkpoint(checkpoints.BEST, self.trial.modules, meta)
-            if samples:
-                self.logger.log_images(samples, step)
+            own = {name: batch for name, batch in samples.items() if name != PREDICTIONS}
+            if own:
+                self.logger.log_images(own, step)
+            if PREDICTIONS in samples and hasattr(self.logger, "log_predictions"):
+                self.logger.log_predictions(samples[PREDICTIONS].numpy(), step)
 
     def _checkpoint_meta(self, position: StagePosition, metrics: Mapping[str, float], step: int) -> dict[str, Any]:
         trial = self.trial
@@ -829,7 +900,10 @@ class TrialRunner:
             if passes.due(stage, ctx, self.progress):
                 passes.run(stage, ctx, self.progress)
             batch = feed.next_batch(passes.extras, passes.specs(stage))
-            losses = stage.step(ctx, batch)
+            with autocast(self.trial):
+                losses = stage.step(ctx, batch)
+            if self.trial.scaler is not None:
+                self.trial.scaler.update()
             self.reporter.check_finite(losses, stage, self.progress.global_step + 1)
             self.optimisers.step_schedules()
             self.progress.stepped()
@@ -851,6 +925,8 @@ class TrialRunner:
             "method_state": self.state,
             "progress": dataclasses.asdict(self.progress),
             "generator": self.generator.get_state(),
+            "trial_id": self.spec.tags.get("trial_id", ""),
+            "scaler": self.trial.scaler.state_dict() if self.trial.scaler is not None else {},
         }
 
     def _restore(self, passes: TargetPasses) -> dict[str, Any] | None:
@@ -864,6 +940,12 @@ class TrialRunner:
         self.progress = Progress(**saved["progress"])
         self.generator.set_state(saved["generator"])
         self.optimisers.restore_scopes(saved["optimisers"])
+        if self.trial.scaler is not None and saved.get("scaler"):
+            self.trial.scaler.load_state_dict(saved["scaler"])
+        donor = saved.get("trial_id", "")
+        if donor and donor != self.spec.tags.get("trial_id", donor) and self.logger is not None:
+            # PBT's exploit: this trial continues from another trial's checkpoint, with its own hyperparameters
+            self.logger.set_tags({f"uda.pbt.exploit.step-{self.progress.global_step:08d}": donor})
         if self.progress.stage_step >= self.trial.budgets[self.progress.stage_index]:
             self.progress.next_stage()  # the checkpoint closed its stage: continue with the next one
             return None

@@ -120,7 +120,7 @@ class Request:
     bundles: tuple[Mapping[str, float], ...]
 
     def words(self) -> str:
-        """"1 x {CPU: 0.01} + 3 x {CPU: 1} (3.01 CPU in all)"."""
+        """ "1 x {CPU: 0.01} + 3 x {CPU: 1} (3.01 CPU in all)"."""
         groups: list[list] = []
         for bundle in self.bundles:
             text = "{" + ", ".join(f"{key}: {value:g}" for key, value in sorted(bundle.items())) + "}"

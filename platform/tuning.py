@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import statistics
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +34,15 @@ import ray
 import torch
 from ray import tune
 from ray.train.v2.api.exceptions import TrainingFailedError
+from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 from ray.tune.search import Searcher
 
 from platform.config import INLINE, TRAIN, Sweep
 from platform.loop import PRIMARY_METRIC, TrialRunner, TrialSpec
-from platform.tracking import Tracker, TrialLogger, tags_for
+from platform.report import is_defaults
+from platform.tracking import DEFAULTS_TAG, SWEPT_TAG, Tracker, TrialLogger, system_metrics, tags_for
 from platform.trainer import checkpoint_directory, trainer_for_spec
 
 MODE = "max"
@@ -69,6 +73,76 @@ class TrialTemplate:
     sync_batchnorm: bool = False  # a default, so that `--resume` of a sweep pickled before this field still loads
     runner: str = TRAIN  # likewise: sweeps pickled before inline trials existed ran every trial through Ray Train
     store_root: str = ""  # per-sample stores, one folder per trial (empty: "stores" beside storage_path)
+    slots: str = ""  # the named SlotKeeper actor that caps running trials (resumed sweeps), or "" for none
+    tracked: tuple[str, ...] = ()  # hyperparameters logged as hp/<name> at every evaluation (PBT's perturbable ones)
+    precision: str = "fp32"  # --precision: fp32 | bf16 | fp16 (loop.TrialSpec.precision)
+
+
+@ray.remote(num_cpus=0)
+class SlotKeeper:
+    """At most `limit` trials train at once. Tune applies `max_concurrent_trials` to the trials its searcher
+    suggests, not to the trials it restores on `--resume` (they all start as soon as their token resources fit,
+    which for Ray Train trials is at once: three worker groups on a 2-CPU machine, one timing out). Trials of a
+    resumed sweep therefore take a slot before training; a slot is keyed by trial id, so a retried trial keeps its
+    own, and the driver frees the slot of a trial that ended without freeing it (SlotRelease)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.holders = limit, set()
+
+    def acquire(self, trial_id: str) -> bool:
+        if trial_id in self.holders or len(self.holders) < self.limit:
+            self.holders.add(trial_id)
+            return True
+        return False
+
+    def release(self, trial_id: str) -> None:
+        self.holders.discard(trial_id)
+
+    def held(self) -> int:
+        return len(self.holders)
+
+
+SLOTS_NAMESPACE = "uda-platform"
+RESTARTS_TAG = "uda.restarts"
+
+
+def slot_keeper_name(sweep: str) -> str:
+    return f"uda-slots-{sweep}"
+
+
+@contextlib.contextmanager
+def trial_slot(name: str, trial_id: str, pause_s: float = 1.0) -> Iterator[None]:
+    """Hold one of the SlotKeeper's slots while the body runs (no-op without a keeper)."""
+    if not name:
+        yield
+        return
+    keeper = ray.get_actor(name, namespace=SLOTS_NAMESPACE)
+    while not ray.get(keeper.acquire.remote(trial_id)):
+        time.sleep(pause_s)
+    try:
+        yield
+    finally:
+        ray.get(keeper.release.remote(trial_id))
+
+
+class SlotRelease(Callback):
+    """Driver side: a trial that failed or was stopped (ASHA, a killed process) gives its slot back."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def _release(self, trial: Any) -> None:
+        try:
+            keeper = ray.get_actor(self.name, namespace=SLOTS_NAMESPACE)
+        except ValueError:  # a sweep that was not resumed has no keeper
+            return
+        ray.get(keeper.release.remote(trial.trial_id))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._release(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._release(trial)
 
 
 def trial_steps(template: TrialTemplate, hp: Mapping[str, Any]) -> list[int]:
@@ -82,13 +156,27 @@ def trial_steps(template: TrialTemplate, hp: Mapping[str, Any]) -> list[int]:
     return budgets.stage_steps(method.stages(values), info, values.batch_size, template.workers, template.max_steps)
 
 
-def trial_label(config: Mapping[str, Any], swept: tuple[str, ...]) -> str:
-    parts = [f"{key}={_short(config['hp'][key])}" for key in swept if key in config["hp"]]
-    return " ".join(parts + [f"seed={config['seed']}"])
+def trial_label(config: Mapping[str, Any], swept: tuple[str, ...], defaults: bool = False) -> str:
+    """The run name's head: the swept values first, `xi1=0.56 xi2=0.00035 · seed 0` (`defaults · seed 0` for the
+    configuration that changes nothing), so that the runs table tells trials apart before it cuts names off."""
+    from platform.report import compact
+
+    parts = [f"{key}={compact(config['hp'][key])}" for key in swept if key in config["hp"]]
+    return f"{'defaults' if defaults or not parts else ' '.join(parts)} · seed {config['seed']}"
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def dataset_contexts(task_name: str) -> dict[str, str]:
+    """What each of a task's datasets is to a trial (the runs table's Dataset column shows it)."""
+    from platform import tasks
+
+    task = tasks.get(task_name)
+    contexts = {split.dataset: "train (source)" for split in task.source_splits}
+    contexts.setdefault(task.target_train.dataset, "train (target, no labels)")
+    if task.target_val.dataset == task.target_train.dataset:
+        contexts[task.target_val.dataset] = "train (target, no labels) + validation"
+    else:
+        contexts.setdefault(task.target_val.dataset, "validation")
+    return contexts
 
 
 class TrialError(RuntimeError):
@@ -127,16 +215,25 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
         "max_steps": template.max_steps if template.max_steps is not None else "",
         "eval_every": template.eval_every or "",
         "workers": template.workers,
+        "precision": template.precision,
     }
     tags = tags_for(template.method, template.task, seed, template.code_version, template.fingerprints)
+    defaults = is_defaults(config["hp"], {**template.defaults, **template.base})
+    tags.update({DEFAULTS_TAG: str(defaults).lower(), SWEPT_TAG: json.dumps(config["hp"], default=str)})
     run_id = tracker.start_trial(
         template.experiment_id,
         template.parent_run_id,
         trial_id,
-        f"{trial_id} {trial_label(config, tuple(config['hp']))}",
+        f"{trial_label(config, tuple(config['hp']), defaults)} · {trial_id}",
         params,
         {**tags, "uda.sweep": template.sweep_name},
     )
+    tracker.log_datasets(run_id, template.fingerprints, template.data_root, dataset_contexts(template.task))
+    if template.runner == INLINE and tune.get_checkpoint() is not None:
+        # Tune restarts this trial from a checkpoint: a retry (--max-failures: a lost node, a killed process), a
+        # resumed sweep or PBT's exploit; the run records how many times
+        restarts = int(tracker.client.get_run(run_id).data.tags.get(RESTARTS_TAG, "0")) + 1
+        tracker.client.set_tag(run_id, RESTARTS_TAG, str(restarts))
     spec = TrialSpec(
         method=template.method,
         task=template.task,
@@ -148,13 +245,22 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
         threads=template.cpus_per_worker,
         sync_batchnorm=template.sync_batchnorm,
         tags={"mlflow_run_id": run_id, "trial_id": trial_id},
+        tracked_hyperparams=tuple(template.tracked),
+        precision=template.precision,
         store_root=os.path.join(
             template.store_root or os.path.join(os.path.dirname(template.storage_path), "stores"), trial_id
         ),
     )
-    if template.runner == INLINE:
-        _train_inline(spec, tracker, template.tracking_uri, run_id)
-        return
+    with trial_slot(template.slots, trial_id), system_metrics(template.tracking_uri, run_id):
+        if template.runner == INLINE:
+            _train_inline(spec, tracker, template.tracking_uri, run_id)
+        else:
+            _train_with_ray_train(spec, template, tracker, trial_id, run_id)
+
+
+def _train_with_ray_train(
+    spec: TrialSpec, template: TrialTemplate, tracker: Tracker, trial_id: str, run_id: str
+) -> None:
     trainer = trainer_for_spec(
         spec,
         name=trial_id,
@@ -241,10 +347,33 @@ def searcher(sweep: Sweep, sampling_seed: int) -> Searcher | None:
     return SeedReplicas(inner, sweep.seeds)
 
 
-def scheduler(name: str | None, reports: int) -> ASHAScheduler | None:
-    """`reports`: the most evaluations a trial makes (Tune iterations; config.evaluations)."""
+def scheduler(
+    name: str | None,
+    reports: int,
+    ranges: Mapping[str, tuple] | None = None,
+    perturbable: tuple[str, ...] = (),
+    seed: int = 0,
+) -> ASHAScheduler | PopulationBasedTraining | None:
+    """`reports`: the most evaluations a trial makes (Tune iterations; config.evaluations).
+
+    asha: stop weak trials at evaluation rungs (grace period 1, halving). pbt: Population Based Training (Jaderberg et
+    al. 2017) at every evaluation: a trial in the bottom quarter continues from the checkpoint of one in the top
+    quarter with the `perturbable` hyperparameters perturbed (x0.8 or x1.2, or resampled from their RANGES with
+    probability 0.25). Our checkpoints are Tune's (inline trials), so an exploit restores that trial's whole training
+    state; `loop._load` gives the restored optimisers the perturbed learning rates."""
     if name is None:
         return None
+    if name == "pbt":
+        mutations = {"hp": {key: _tune_domain(ranges[key]) for key in perturbable}}
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=1,
+            hyperparam_mutations=mutations,
+            quantile_fraction=0.25,
+            resample_probability=0.25,
+            log_config=False,
+            synch=False,
+        )
     return ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=1, reduction_factor=2)
 
 

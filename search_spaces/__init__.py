@@ -24,6 +24,9 @@ class SearchSpace:
     max_steps: Mapping[str, int]
     grids: Mapping[str, Any]
     ranges: Mapping[str, tuple]
+    # fields Population Based Training may change while a trial runs (loss weights, learning rates; never a field
+    # that changes the network): a subset of RANGES, which give their distributions
+    perturbable: tuple[str, ...] = ()
 
     def grid_points(self, name: str) -> list[dict[str, Any]]:
         """The points of a named grid, in a deterministic order (products expand row-major in key order)."""
@@ -59,7 +62,13 @@ def _from_module(method: str, module: ModuleType) -> SearchSpace:
         max_steps=dict(getattr(module, "MAX_STEPS", {})),
         grids=dict(getattr(module, "GRIDS", {})),
         ranges=dict(getattr(module, "RANGES", {})),
+        perturbable=tuple(getattr(module, "PERTURBABLE", ())),
     )
+    unknown = sorted(set(space.perturbable) - set(space.ranges))
+    if unknown:
+        raise ValueError(
+            f"search_spaces/{method}.py: PERTURBABLE {unknown} must be keys of RANGES (their distributions)"
+        )
     for name, spec in space.ranges.items():
         if not isinstance(spec, tuple) or not spec or spec[0] not in RANGE_KINDS:
             raise ValueError(

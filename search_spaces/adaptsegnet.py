@@ -24,3 +24,6 @@ RANGES = {
     "lambda_adv": ("loguniform", 1e-4, 1e-1),
     "learning_rate": ("loguniform", 1e-3, 5e-2),
 }
+
+# Population Based Training (--scheduler pbt) may change the adversarial weight and the learning rate while a trial runs.
+PERTURBABLE = ("lambda_adv", "learning_rate")

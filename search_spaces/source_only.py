@@ -34,3 +34,6 @@ GRIDS = {
 RANGES = {
     "learning_rate": ("loguniform", 1e-3, 5e-2),
 }
+
+# Population Based Training (--scheduler pbt) may change the learning rate while a trial runs.
+PERTURBABLE = ("learning_rate",)

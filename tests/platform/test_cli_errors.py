@@ -220,7 +220,10 @@ def test_placement_decision_on_fixed_and_growing_clusters():
     spread = preflight.trial_request(False, 2, 4, 1, 0.01)  # two GPU workers fit only on two nodes
     assert preflight.fits(spread, [{"CPU": 5.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}])
     assert not preflight.fits(spread, [{"CPU": 9.0, "GPU": 1.0}])
-    with pytest.raises(UsageError, match=r"a trial asks for 1 x \{CPU: 0.01\} \+ 3 x \{CPU: 1\} \(3.01 CPU in all\) and the cluster has 1 node\(s\): 3 CPU"):
+    with pytest.raises(
+        UsageError,
+        match=r"a trial asks for 1 x \{CPU: 0.01\} \+ 3 x \{CPU: 1\} \(3.01 CPU in all\) and the cluster has 1 node\(s\): 3 CPU",
+    ):
         preflight.check_placement(three_workers, lambda: two_cpus, may_grow=False)
     warnings, nodes = [], [two_cpus, two_cpus, [{"CPU": 3.0}, {"CPU": 2.0}]]  # a node joins on the third look
     preflight.check_placement(

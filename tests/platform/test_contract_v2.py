@@ -495,3 +495,35 @@ def test_samples_get_source_images_and_mlflow_gets_one_point_per_key_and_step(pr
     first = runner.evaluator.sample_images().source[0]
     row = decode_row(_rows(row_groups(split_files(probe_root, "probe-source", "train"))[0])[0], 3)
     assert torch.equal(first, row["image"].float() / 255)  # unaugmented, in [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_steps_and_predict_run_under_the_trials_precision(probe_root, tmp_path, precision):
+    """--precision: every step under torch.autocast, `ctx.full_precision()` blocks in float32, fp16 through the
+    platform's gradient scaler (`ctx.backward`, `ctx.step`), predictions scored in float32."""
+    seen = {}
+
+    def step(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
+        net, optimizer = ctx.modules["net"], ctx.optimizers["net"]
+        logits = net(batch.source_image)
+        with ctx.full_precision():
+            exact = net(batch.source_image.float())
+            loss = F.cross_entropy(logits.float(), batch.source_label, ignore_index=IGNORE_INDEX)
+        seen.setdefault("dtypes", (logits.dtype, exact.dtype, loss.dtype))
+        optimizer.zero_grad()
+        ctx.backward(loss)
+        seen.setdefault("scale", None if ctx.scaler is None else ctx.scaler.get_scale())
+        ctx.step("net")
+        return {"loss": loss.detach()}
+
+    spec = dataclasses.replace(_spec(probe_root, str(tmp_path / "p"), store_images=False), precision=precision)
+    runner = loop.TrialRunner(spec, loop.LocalSession())
+    runner.stages = tuple(dataclasses.replace(stage, step=step) for stage in runner.stages)
+    final = runner.run()
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    assert seen["dtypes"] == (half, torch.float32, torch.float32)
+    assert (seen["scale"] is None) == (precision == "bf16")  # fp16's loss scale, from the platform's scaler
+    assert 0 <= final["val_target/miou"] <= 100 and torch.isfinite(torch.tensor(final["train/loss"]))

@@ -122,3 +122,50 @@ def test_weights_checkpoint_round_trip(data_root, tmp_path):
         method.predict(runner.hp, runner.modules, images, StagePosition("source")),
         method.predict(runner.hp, modules, images, StagePosition("source")),
     )
+
+
+def test_a_perturbed_learning_rate_reaches_the_restored_optimisers(data_root, tmp_path):
+    """PBT restores one trial's checkpoint with another learning rate: the schedule continues from its step with
+    the new base rate; with the same rate, nothing changes (resume stays exact)."""
+    first = LocalSession(checkpoint_root=str(tmp_path))
+    TrialRunner(spec(data_root, tags={"trial_id": "donor"}), first).run()
+    restored = []
+
+    class Logger:
+        def __init__(self):
+            self.tags = {}
+
+        def log_metrics(self, metrics, step):
+            restored.append((step, {k: v for k, v in metrics.items() if k.startswith("hp/")}))
+
+        def log_checkpoint(self, kind, modules, meta):
+            pass
+
+        def log_images(self, images, step):
+            pass
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    logger = Logger()
+    changed = spec(
+        data_root,
+        hyperparams={"architecture": "tiny", "learning_rate": 0.02, "batch_size": 4},
+        tags={"trial_id": "exploiter"},
+        tracked_hyperparams=("learning_rate",),
+    )
+    runner = TrialRunner(changed, LocalSession(resume_from=str(tmp_path / "step-00000003")), logger)
+    seen = []
+    stage = runner.stages[0]
+
+    def step(ctx, batch):
+        seen.append([g["lr"] for g in ctx.optimizers["segmenter"].param_groups])
+        return stage.step(ctx, batch)
+
+    runner.stages = (dataclasses.replace(stage, step=step),)
+    runner.run()
+    # source_only's poly schedule over 6 steps at step 3, backbone and the 10x head: 0.02 · (1 - 3/6)^0.9
+    factor = (1 - 3 / 6) ** 0.9
+    assert seen[0] == pytest.approx([0.02 * factor, 0.2 * factor])
+    assert logger.tags == {"uda.pbt.exploit.step-00000003": "donor"}  # whose checkpoint it took, and when
+    assert restored[-1] == (6, {"hp/learning_rate": 0.02})

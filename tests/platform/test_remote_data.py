@@ -8,10 +8,6 @@ AWS environment variables, as on a cluster.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -21,6 +17,7 @@ from platform import tasks
 from platform.datasets import DatasetNotFoundError, read_manifest, split_files
 from platform.loop import LocalSession, TrialRunner, TrialSpec
 from platform.stream import TrainStream, eval_batches
+from tests.platform.services import moto_server
 
 pytestmark = pytest.mark.integration
 
@@ -28,42 +25,13 @@ BUCKET = "uda-test"
 DATASETS = ("synthetic-urban-source", "synthetic-urban-target")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_root(data_root: str) -> str:
-    port = _free_port()
-    moto_server = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    server = subprocess.Popen(
-        [moto_server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    saved = {
-        key: os.environ.get(key)
-        for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    }
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"moto_server did not start on port {port}") from None
-                time.sleep(0.2)
+    with moto_server() as (endpoint, _):
         tasks.prepare(tasks.get("synthetic-urban"), data_root)
         # the constructor does not read AWS_ENDPOINT_URL (from_uri, which the platform uses, does)
-        filesystem = pafs.S3FileSystem(allow_bucket_creation=True, endpoint_override=f"127.0.0.1:{port}", scheme="http")
+        host = endpoint.split("://", 1)[1]
+        filesystem = pafs.S3FileSystem(allow_bucket_creation=True, endpoint_override=host, scheme="http")
         filesystem.create_dir(BUCKET)
         for dataset in DATASETS:
             pafs.copy_files(
@@ -73,14 +41,6 @@ def s3_root(data_root: str) -> str:
                 destination_filesystem=filesystem,
             )
         yield f"s3://{BUCKET}/data"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_manifest_and_shards_are_read_from_the_object_store(s3_root, data_root):

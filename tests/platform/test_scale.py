@@ -14,6 +14,7 @@ import tempfile
 import pytest
 
 from tests.conftest import REPOSITORY_ROOT
+from tests.platform.services import descendants, wait_until
 from tests.platform.test_integration import metric_steps, runs_of
 
 pytestmark = pytest.mark.integration
@@ -35,22 +36,13 @@ def _ray(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProce
     return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _descendants(pid: int) -> list:
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _stop_own_ray(head: subprocess.Popen, temp_dir: str) -> None:
     """Stop the head this test started, and only it: SIGTERM to its `ray start --block` (which shuts down the
     processes it started), then SIGKILL to whatever of them is left: its descendants and the processes that run in
     its own temp dir. Never `ray stop`, which stops every Ray process on the machine (a user's, another test run's)."""
     import psutil
 
-    children = _descendants(head.pid)
+    children = descendants(head.pid)
     head.terminate()
     try:
         head.wait(timeout=60)
@@ -65,16 +57,6 @@ def _stop_own_ray(head: subprocess.Popen, temp_dir: str) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-
-
-def _wait_until(ready, what: str, timeout_s: float = 180, pause_s: float = 1.0) -> None:
-    """Bounded readiness wait: `ready()` until it is true or `timeout_s` passes."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        assert time.monotonic() < deadline, f"{what} was not ready after {timeout_s:.0f} s"
-        time.sleep(pause_s)
 
 
 @pytest.fixture
@@ -115,10 +97,22 @@ def ray_head(subprocess_env):
     try:
 
         def ready() -> bool:
-            assert head.poll() is None, open(os.path.join(temp_dir, "head.log")).read()[-3000:]
-            return _ray("status", "--address", f"127.0.0.1:{gcs}", env=env, timeout=60).returncode == 0
+            import urllib.error
+            import urllib.request
 
-        _wait_until(ready, "the Ray head")
+            assert head.poll() is None, open(os.path.join(temp_dir, "head.log")).read()[-3000:]
+            if _ray("status", "--address", f"127.0.0.1:{gcs}", env=env, timeout=60).returncode != 0:
+                return False
+            try:  # the dashboard (job submission) comes up after the GCS; any HTTP answer (401: token auth) is up
+                with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=5):
+                    return True
+            except urllib.error.HTTPError:
+                return True
+            except OSError:
+                return False
+
+        wait_until(ready, "the Ray head")
+        env["UDA_TEST_RAY_HEAD_PID"] = str(head.pid)  # the head's processes are its descendants
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
         _stop_own_ray(head, temp_dir)
@@ -126,10 +120,10 @@ def ray_head(subprocess_env):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-AGENT_NOT_READY = ("No available agent to submit job", "try again later")
+AGENT_NOT_READY = ("No available agent to submit job", "try again later", "Failed to connect to Ray at address")
 
 
-def _submit(*args: str, env: dict, attempts: int = 6, pause_s: float = 10.0) -> subprocess.CompletedProcess:
+def _submit(*args: str, env: dict, attempts: int = 30, pause_s: float = 10.0) -> subprocess.CompletedProcess:
     """`ray job submit`, again after a pause while the head's job agent is not up yet (bounded)."""
     import time
 
@@ -270,7 +264,7 @@ TRAINING_PROCESS = {"train": "ray::RayTrainWorker", "inline": "ray::ImplicitFunc
 
 def _training_pids(runner: str, driver: int) -> list[int]:
     """The training processes among the descendants of this test's own driver (never another run's)."""
-    return [p.pid for p in _descendants(driver) if TRAINING_PROCESS[runner] in " ".join(p.cmdline())]
+    return [p.pid for p in descendants(driver) if TRAINING_PROCESS[runner] in " ".join(p.cmdline())]
 
 
 @pytest.mark.parametrize("runner", ["train", "inline"])
@@ -432,3 +426,96 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_hea
     second = next(r for r in children if r.info.run_id != first.info.run_id)
     steps = [m.step for m in client.get_metric_history(second.info.run_id, "val_target/miou")]
     assert steps[-1] == budget and steps[0] == 4  # trial 2 continued to the end of its own budget
+
+
+def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_head, tmp_path, data_root):
+    """Issue 20 item 5: three unfinished Ray Train trials, a limit of one (two CPUs per worker on the head's three):
+    Tune starts every restored trial at once (their drivers only hold a token CPU), so without the sweep's own slot
+    keeper three Train controllers wait for worker groups and time out. With it, never more than one."""
+    import signal
+    import threading
+    import time
+
+    env, _ = ray_head
+    database = tmp_path / "mlflow.db"
+    common = [
+        "--data-root",
+        data_root,
+        "--tracking-uri",
+        f"sqlite:///{database}",
+        "--storage-path",
+        str(tmp_path / "results"),
+        "--address",
+        env["UDA_TEST_RAY_ADDRESS"],
+    ]
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "platform.sweep",
+            "source_only",
+            "--grid",
+            "lr",
+            "--trial-runner",
+            "train",
+            "--cpus-per-worker",
+            "2",
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "2",
+            "--name",
+            "capped",
+            *common,
+        ],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: bool(metric_steps(database, "val_target/miou")) or driver.poll() is not None,
+            "the first trial's first report",
+            timeout_s=480,
+            pause_s=0.5,
+        )
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    head, most, done = int(env["UDA_TEST_RAY_HEAD_PID"]), [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            controllers = [p for p in descendants(head) if "TrainController" in " ".join(_cmdline(p))]
+            most[0] = max(most[0], len(controllers))
+            time.sleep(0.25)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        resumed = subprocess.run(
+            [sys.executable, "-m", "platform.sweep", "source_only", "--resume", "--name", "capped", *common],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    _, parents, children = runs_of(tmp_path)
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert most[0] == 1, f"{most[0]} Ray Train controllers ran at once with a limit of one"
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
