@@ -203,8 +203,15 @@ class Tracker:
             )
             for name, fingerprint in fingerprints.items()
         ]
-        if inputs:
-            self.client.log_inputs(run_id, datasets=inputs)
+        for attempt in range(3):  # never fails a trial: two runs that add a dataset at once race on the store
+            try:  # (SQLite: "UNIQUE constraint failed: datasets..." for the second); the retry finds it there
+                if inputs:
+                    self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except Exception as error:
+                if attempt == 2:
+                    logging.getLogger(__name__).warning("datasets not logged as MLflow inputs: %s", error)
+                time.sleep(0.5 * (attempt + 1))
 
     def end(self, run_id: str, status: str, reason: str | None = None) -> None:
         if reason:
