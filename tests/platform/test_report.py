@@ -252,3 +252,44 @@ def test_pbt_population_shows_each_members_hyperparameter_history_and_exploits()
     assert table.title.startswith("PBT population")
     assert table.rows[0][0] == "lr · seed 1"  # best last mIoU first
     assert table.rows[1][4:] == ["learning_rate: 0.01@10 → 0.012@20", "t2@20"]
+
+
+def test_prediction_grid_rows_are_image_prediction_truth_in_the_tasks_colours():
+    import torch
+
+    from platform import tracking
+
+    palette = tracking.label_palette(("road", "lesion"))
+    assert palette[0].tolist() == [128, 64, 128] and palette[1].tolist() == [230, 25, 75]  # Cityscapes, fallback
+    assert palette[-1].tolist() == [0, 0, 0]  # ignored pixels
+    images = torch.ones(2, 1, 4, 4) * 0.5  # grey, one channel
+    predictions = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels = torch.full((2, 4, 4), 255, dtype=torch.long)
+    labels[:, 0, 0] = 1
+    grid = tracking.prediction_grid(images, predictions, labels, palette)
+    assert grid.shape == (8, 12, 3) and grid.dtype.name == "uint8"
+    assert grid[0, 0].tolist() == [128, 128, 128]  # image (grey 0.5)
+    assert grid[0, 4].tolist() == [128, 64, 128]  # prediction: road
+    assert grid[0, 8].tolist() == [230, 25, 75] and grid[1, 9].tolist() == [0, 0, 0]  # truth: lesion, ignored
+
+
+def test_ui_command_and_links_open_the_model_training_view():
+    from platform import tracking
+
+    command = tracking.ui_command("sqlite:////data/mlflow.db")
+    assert command.split()[0].endswith("mlflow") and "--backend-store-uri sqlite:////data/mlflow.db" in command
+    assert tracking.ui_link("sqlite:////data/mlflow.db", "3") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+    )
+    assert tracking.ui_link("http://mlflow:5000/", "3", "abc") == (
+        "http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
+
+
+def test_run_names_lead_with_the_swept_values():
+    from platform.tuning import trial_label
+
+    config = {"hp": {"xi1": 0.56, "xi2": 0.00035}, "seed": 0}
+    assert trial_label(config, ("xi1", "xi2")) == "xi1=0.56 xi2=0.00035 · seed 0"
+    assert trial_label({"hp": {}, "seed": 2}, ()) == "defaults · seed 2"
+    assert trial_label(config, ("xi1", "xi2"), defaults=True) == "defaults · seed 0"
