@@ -539,6 +539,8 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
             },
             artifacts={"sweep.json": json.dumps(_sweep_definition(plan), indent=2, default=str)},
         )
+        # the experiment's datasets, once, before trials add their inputs at the same time
+        tracker.log_datasets(parent, fingerprints, plan.data_root, tuning.dataset_contexts(resolved.task.name))
     else:
         tracker.client.update_run(parent, status="RUNNING")
         if plan.args.retry_failed:  # Tune runs them again as new trials (new ids, new MLflow runs)
