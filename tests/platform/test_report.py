@@ -213,7 +213,7 @@ def test_every_paper_results_block_names_real_grid_points_and_metrics():
                     if "iou" in row:
                         values = [float(v) for v in row["iou"].split()]
                         assert len(values) == len(entry["classes"]), (method, name)
-                        assert abs(sum(values) / len(values) - row["miou"]) < 0.051, (method, task, name)
+                        assert abs(sum(values) / len(values) - row["miou"]) < 0.1, (method, task, name)  # rounded as printed
 
 
 def test_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
