@@ -418,6 +418,8 @@ def sweep_report(
         configurations = rank(configurations)
     entries = dict((paper or {}).get(info.grid, {})) if info.grid else {}
     own = entries.pop(info.task, None)
+    # the paper's row differences only where the paper prints at least two of this grid's rows on that task
+    entries = {t: e for t, e in entries.items() if sum("point" in r for r in e.get("rows", {}).values()) > 1}
     lung = any(run.value("dice") == run.value("dice") for c in configurations for run in c.runs)
     headline = "dice" if lung else "miou"
     reference = next((c for c in configurations if c.defaults and c.runs), None)
@@ -494,8 +496,8 @@ def _main_table(
     columns += [f"Δ vs {reference.label}" if reference else "Δ"]
     if own is not None:
         columns += [f"paper ({own.get('source', '')})", "ours − paper"]
-    for task, entry in others.items():
-        columns += [f"paper Δ on {task} ({entry.get('source', '')})"]
+    for task in others:
+        columns += [f"paper Δ on {task}"]
     columns += ["per seed (last)"]
     base = reference.stat(_metric(headline)).mean if reference else math.nan
     rows = []
@@ -525,7 +527,8 @@ def _main_table(
     if others:
         notes.append(
             "paper Δ = the paper's difference between the same two rows on its own task (as printed), beside ours "
-            "on this task: compare the orderings, not the values"
+            "on this task: compare the orderings, not the values; "
+            + "; ".join(f"{task}: {entry.get('source', '')}" for task, entry in others.items())
         )
     if own is not None:
         notes.append("paper = the paper's printed number for this row; ours − paper uses our last checkpoint")
@@ -551,7 +554,7 @@ def _paper_delta(entry: Mapping[str, Any], point: Mapping[str, Any], headline: s
     if not found or not reference:
         return ""
     if found[0] == reference[0]:
-        return f"({reference[0]})"
+        return "(reference)"
     metric = headline if paper_value(entry, found[1], headline) == paper_value(entry, found[1], headline) else "miou"
     delta = paper_value(entry, found[1], metric) - paper_value(entry, reference[1], metric)
     return f"{_num(delta, signed=True)} ({found[0]} − {reference[0]})"
@@ -1184,6 +1187,7 @@ def _subsets(task: str) -> tuple[str, ...]:
 
 
 def load_sweep_report(tracking_uri: str, sweep: str) -> Report:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # sweep.json: one small file
     client = _client(tracking_uri)
     parent = find_sweep(client, sweep)
     experiment = client.get_experiment(client.get_run(parent.run_id).info.experiment_id)

@@ -83,14 +83,14 @@ def test_synthetic_task_shows_our_row_differences_beside_the_papers():
     built = report.sweep_report(info(), table1_runs(), PAPER)
     main = built.tables[0]
     header = main.columns
-    assert "paper Δ on gta5-cityscapes (Table 1)" in header and "ours − paper" not in header
+    assert "paper Δ on gta5-cityscapes" in header and "ours − paper" not in header
     defaults, without_tc = main.rows[0], main.rows[1]
     assert defaults[header.index("mIoU (last)")] == "42.0 ± 2.8"  # 40, 44
     assert defaults[header.index("mIoU (best ckpt)†")] == "43.5 ± 2.1"  # 42, 45
     assert without_tc[header.index("n")] == "2 (+1 failed)"
     assert without_tc[header.index("Δ vs defaults")] == "-3.5"  # 38.5 - 42.0
-    assert without_tc[header.index("paper Δ on gta5-cityscapes (Table 1)")] == "-1.9 (Ours-w/oTC − Ours)"  # 46.7-48.6
-    assert main.rows[2][header.index("paper Δ on gta5-cityscapes (Table 1)")] == ""  # no paper row for w/oCG here
+    assert without_tc[header.index("paper Δ on gta5-cityscapes")] == "-1.9 (Ours-w/oTC − Ours)"  # 46.7-48.6
+    assert main.rows[2][header.index("paper Δ on gta5-cityscapes")] == ""  # no paper row for w/oCG here
     assert without_tc[-1] == "38.0, 39.0"
 
 
@@ -213,7 +213,11 @@ def test_every_paper_results_block_names_real_grid_points_and_metrics():
                     if "iou" in row:
                         values = [float(v) for v in row["iou"].split()]
                         assert len(values) == len(entry["classes"]), (method, name)
-                        assert abs(sum(values) / len(values) - row["miou"]) < 0.1, (method, task, name)  # rounded as printed
+                        assert abs(sum(values) / len(values) - row["miou"]) < 0.1, (
+                            method,
+                            task,
+                            name,
+                        )  # rounded as printed
 
 
 def test_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
