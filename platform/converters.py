@@ -26,8 +26,9 @@ Decisions, documented once here:
   both sizes; it is never resized to fit, which would misalign it.
 - Chest X-rays are converted at `--size` (default 512, SeUDA's): images bilinear, masks nearest. JSRT's raw images
   (2048x2048) and SCR masks (1024x1024) are both resampled to that size, which resolves their resolution mismatch;
-  raw values are clipped to 4095, inverted (4095 - x), scaled to 8 bits and histogram-equalised (the common JSRT
-  preprocessing). Pixel spacing (mm) of the converted pixels is stored per image: Montgomery 0.0875 mm at native
+  raw values are clipped to 4095, inverted (4095 - x) and scaled linearly to 8 bits: SeUDA prints "resized to
+  512x512, and rescaled to [0, 255]" and nothing else, and equalising JSRT's histograms (the common JSRT
+  preprocessing, option `equalise=True`) would remove much of the intensity shift its Table 1 measures. Pixel spacing (mm) of the converted pixels is stored per image: Montgomery 0.0875 mm at native
   resolution (images are 4020x4892 or 4892x4020, so rows and columns differ after resizing), JSRT 0.175 mm.
 - Montgomery and JSRT have no official split: a 7:1:2 train/val/test split (SeUDA) drawn with a fixed seed over the
   sorted image names.
@@ -434,13 +435,15 @@ def _jsrt_scan(source: str, options: dict) -> list[Sample]:
     return _split_7_1_2(samples)
 
 
-def jsrt_preprocess(raw: np.ndarray) -> np.ndarray:
-    """12-bit raw values → 8-bit: clip to 4095, invert, scale, histogram-equalise (skimage)."""
-    from skimage import exposure
+def jsrt_preprocess(raw: np.ndarray, equalise: bool = False) -> np.ndarray:
+    """12-bit raw values → 8-bit: clip to 4095, invert, rescale linearly to [0, 255] (SeUDA Sec. 3); `equalise`:
+    histogram-equalise instead of the linear rescaling (skimage; the common JSRT preprocessing)."""
+    inverted = (4095 - np.clip(raw.astype(np.int32), 0, 4095)).astype(np.float64) / 4095.0
+    if equalise:
+        from skimage import exposure
 
-    inverted = 4095 - np.clip(raw.astype(np.int32), 0, 4095)
-    equalised = exposure.equalize_hist(inverted.astype(np.float64) / 4095.0)
-    return np.round(equalised * 255).astype(np.uint8)
+        inverted = exposure.equalize_hist(inverted)
+    return np.round(inverted * 255).astype(np.uint8)
 
 
 def _jsrt_load(sample: Sample, options: dict) -> Loaded:
@@ -456,7 +459,7 @@ def _jsrt_load(sample: Sample, options: dict) -> Loaded:
             f"big-endian ({expected} bytes)"
         )
     raw = np.frombuffer(data, dtype=">u2").reshape(JSRT_SIZE, JSRT_SIZE)
-    image = _resize(jsrt_preprocess(raw), size, False)
+    image = _resize(jsrt_preprocess(raw, bool(options.get("equalise", False))), size, False)
     left, right = (_read_label(p) for p in sample.labels)
     if left.shape != right.shape:
         raise Skip(f"left mask {left.shape} but right mask {right.shape}")
@@ -564,7 +567,7 @@ SRC/
             lambda o: f"lungs(size={o['size']})",
             _jsrt_scan,
             _jsrt_load,
-            {"size": (512,)},
+            {"size": (512,), "equalise": (False, True)},  # equalise: histogram equalisation (not SeUDA's reading)
         ),
     )
 }

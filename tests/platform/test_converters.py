@@ -211,8 +211,34 @@ def test_jsrt_big_endian_raw_and_scr_gif_masks_in_folders_with_spaces(tmp_path):
         decode_array(row["label"]), np.asarray(Image.fromarray(label).resize((64, 64), Image.NEAREST))
     )
     assert row["spacing_mm"] == pytest.approx([0.175 * 2048 / 64] * 2)
-    inverted = converters.jsrt_preprocess(np.array([[0, 4095, 9999]], dtype=np.uint16))
-    assert inverted[0, 0] > inverted[0, 1] == inverted[0, 2]  # inverted and clipped at 4095
+    inverted = converters.jsrt_preprocess(np.array([[0, 4095, 9999, 2048]], dtype=np.uint16))
+    assert inverted.tolist() == [[255, 0, 0, 127]]  # inverted, clipped at 4095, rescaled linearly (SeUDA Sec. 3)
+    assert manifest.source["options"] == {"size": 64, "equalise": False}
+
+
+def test_jsrt_histogram_equalisation_is_an_option(tmp_path):
+    """The common JSRT preprocessing equalises the histogram; SeUDA prints only "rescaled to [0, 255]"."""
+    from skimage import exposure
+
+    root = tmp_path / "JSRT"
+    os.makedirs(root / "All247images")
+    raw = (RNG.beta(2, 5, (2048, 2048)) * 4095).astype(">u2")  # a skewed histogram, which equalisation flattens
+    raw.tofile(root / "All247images" / "JPCNN001.IMG")
+    for lung in ("left lung", "right lung"):
+        os.makedirs(root / "scratch" / "fold1" / "masks" / lung)
+        Image.fromarray(np.zeros((1024, 1024), np.uint8)).save(
+            root / "scratch" / "fold1" / "masks" / lung / "JPCNN001.gif"
+        )
+    linear = converters.jsrt_preprocess(raw.astype(np.uint16))
+    equalised = converters.jsrt_preprocess(raw.astype(np.uint16), equalise=True)
+    expected = exposure.equalize_hist((4095 - raw.astype(np.float64)) / 4095.0)
+    assert np.array_equal(equalised, np.round(expected * 255).astype(np.uint8))
+    assert abs(float(equalised.mean()) - 127.5) < abs(float(linear.mean()) - 127.5)  # the shift is gone
+    manifest = _convert("jsrt", root, tmp_path / "jsrt", options={"size": 64, "equalise": True})
+    row = next(iter(next(iter(_rows(str(tmp_path / "jsrt"), s) for s in manifest.splits)).values()))
+    assert np.array_equal(
+        decode_array(row["image"]), np.asarray(Image.fromarray(equalised).resize((64, 64), Image.BILINEAR))
+    )
 
 
 # ------------------------------------------------------------------ bad input
