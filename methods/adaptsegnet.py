@@ -150,4 +150,5 @@ METHOD = Method(
         "cityscapes-nthu-tokyo",
         "cityscapes-nthu-taipei",
     ),
+    imagenet_backbone=True,  # DeepLab-v2 from ImageNet (the reference implementation's recipe)
 )

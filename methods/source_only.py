@@ -94,4 +94,5 @@ METHOD = Method(
         "endoscopy",
         "montgomery-jsrt",
     ),
+    imagenet_backbone=True,  # DeepLab-v2 from ImageNet, the recipe of the papers' source-only rows
 )
