@@ -12,6 +12,9 @@ row is the one the others are compared with.
 
     python benchmarks/method_gain.py cscl --grid table1
     python benchmarks/method_gain.py seuda --grid table1 --no-source-only
+
+(Each seuda row trains its own segmenter here; SeUDA's Table 1 protocol, one segmenter per seed tested under every
+setting with S-test, is benchmarks/seuda_table1.py.)
 """
 
 from __future__ import annotations

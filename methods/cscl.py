@@ -96,7 +96,7 @@ Choices the paper leaves open (each a hyperparameter where two readings are plau
    and C with the target term, as the last update of the iteration. Measured on synthetic-urban (200 steps): "eq7"
    self-trains C on its own soft labels, the selected fraction of target pixels climbs to 90-100% and the run
    collapses on some seeds (final mIoU 23.0 and 2-9%, seeds 1 and 0 without L_div), while "alg2" stays stable (36.9
-   and 39.9 on the same seeds); the `open_choices` grid compares them.
+   and 39.9 on the same seeds; measured before readings a, b and f); the `open_choices` grid compares them.
 5. Not printed: T_Q's and T_C's kernels (3x3, ReLU between layers); T_Q's and T_C's optimiser (Adam 1e-4, betas
    (0.9, 0.99), like D's family); D's loss is not scaled by ξ2 (Adam is invariant to the scale, and the min-max of
    Eq. 1 has the same solution); Eq. 1's printed signs read as the standard GAN game (D: source 1, target 0; E:
@@ -109,8 +109,9 @@ Choices the paper leaves open (each a hyperparameter where two readings are plau
    C", with the generator of CBST/CRST [46, 47], which self-train from a source-trained model; Alg. 2 itself starts
    all updates at iteration 1. `source_warmup` is the share of the budget spent on line 4 alone before the full
    iteration (and the first threshold pass) starts; 0 (default) is Alg. 2 as printed. Measured on synthetic-urban
-   with "alg2" (200 steps): 0.25 gave 42.4 vs 36.9 mIoU on seed 1 and 40.5 vs 39.9 on seed 0 without L_div, so it is
-   a sweepable option, not the default; with "eq7" it does not prevent the collapse of choice 4.
+   with "alg2" (200 steps, before readings a, b and f): 0.25 gave 42.4 vs 36.9 mIoU on seed 1 and 40.5 vs 39.9 on
+   seed 0 without L_div, so it is a sweepable option, not the default; with "eq7" it does not prevent the collapse of
+   choice 4.
 """
 
 from __future__ import annotations

@@ -23,9 +23,12 @@ TASK_DEFAULTS = {"synthetic-cxr": SYNTHETIC}
 
 GRIDS = {
     # Table 1 and its stability study (Sec. 3): SeUDA and CyUDA (λ = 0) over 10 seeds; the paper reports the std of
-    # Dice (0.25% vs 2.03%) and ASD (0.16 vs 1.19 mm).
+    # Dice (0.25% vs 2.03%) and ASD (0.16 vs 1.19 mm). As a sweep, pass `--set segmenter_weights=PATH` so that every
+    # trial's GANs start from one segmenter (methods/seuda.py); benchmarks/seuda_table1.py --stability does so.
     "table1_stability": {"lambda_sem": [0.5, 0.0], "seed": list(range(10))},
-    # Table 1 rows without target labels: T-noDA, T-HistM, CyUDA, SeUDA.
+    # Table 1 rows without target labels: T-noDA, T-HistM, CyUDA, SeUDA. As a grid each trial trains its own
+    # segmenter (and T-noDA/T-HistM only a segmenter); the paper tests ONE segmenter under every setting:
+    # benchmarks/seuda_table1.py runs that protocol (with S-test), reusing one stage-1 checkpoint per seed.
     "table1": [{"adaptation": "none"}, {"adaptation": "histogram"}, {"lambda_sem": 0.0}, {}],
 }
 
