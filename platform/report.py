@@ -489,11 +489,12 @@ def _main_table(
     own: Mapping[str, Any] | None,
     others: Mapping[str, Any],
 ) -> Table:
-    metric = "Dice (both lungs, last)" if headline == "dice" else "mIoU (last)"
-    columns = ["#", "configuration", "n", metric, "mIoU (best ckpt)†"]
+    lung = headline == "dice"  # chest X-rays: the papers' Dice and ASD over both lungs beside the mIoU
+    columns = ["#", "configuration", "n", "mIoU (last)", "mIoU (best ckpt)†"]
+    columns += ["Dice, both lungs (last)", "ASD mm, both lungs (last)"] if lung else []
     columns += [f"{name} (last)" for name in info.subsets]
     columns += ["source-val mIoU (last)"] if any(c.stat(SOURCE_VAL).n for c in configurations) else []
-    columns += [f"Δ vs {reference.label}" if reference else "Δ"]
+    columns += [(f"Δ {'Dice ' if lung else ''}vs {reference.label}") if reference else "Δ"]
     if own is not None:
         columns += [f"paper ({own.get('source', '')})", "ours − paper"]
     for task in others:
@@ -505,7 +506,8 @@ def _main_table(
         last = configuration.stat(_metric(headline))
         row = [str(number), _name(configuration, own or next(iter(others.values()), None))]
         row += [str(last.n) + (f" (+{configuration.unfinished} failed)" if configuration.unfinished else "")]
-        row += [last.text(), configuration.stat(BEST).text()]
+        row += [configuration.stat(LAST).text(), configuration.stat(BEST).text()]
+        row += [last.text(), configuration.stat("asd_mm").text(2)] if lung else []
         row += [configuration.stat(f"{PREFIX}{name}").text() for name in info.subsets]
         if "source-val mIoU (last)" in columns:
             row.append(configuration.stat(SOURCE_VAL).text())

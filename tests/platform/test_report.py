@@ -138,7 +138,15 @@ def test_lung_metrics_average_over_the_lungs_and_skip_undefined_asd():
     second = run(1, 60.0, 61.0, metrics={**lungs, "val_target/asd_mm/left_lung": math.nan})
     assert first.value("dice") == 85.0 and first.value("asd_mm") == 4.0 and math.isnan(second.value("asd_mm"))
     built = report.sweep_report(info(points=({},), swept=()), [first, second], {})
-    assert built.tables[0].columns[3] == "Dice (both lungs, last)" and built.tables[0].rows[0][3] == "85.0 ± 0.0"
+    main = built.tables[0]
+    assert main.columns[3:7] == [
+        "mIoU (last)",
+        "mIoU (best ckpt)†",
+        "Dice, both lungs (last)",
+        "ASD mm, both lungs (last)",
+    ]
+    assert main.rows[0][3:7] == ["65.0 ± 7.1", "66.0 ± 7.1", "85.0 ± 0.0", "4.00 ± 0.00 (1 undefined)"]
+    assert main.columns[7] == "Δ Dice vs defaults" and main.rows[0][-1] == "85.0, 85.0"
     lung = next(t for t in built.tables if t.title.startswith("Lung"))
     assert lung.rows[0][2] == "4.00 ± 0.00 (1 undefined)"
 
