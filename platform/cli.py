@@ -811,44 +811,15 @@ def _summarise(
         print(f"Continue: {plan_resume_command(plan)}")
 
 
-NOTE_LIMIT = 7500  # MLflow keeps tag values up to 8,000 characters
-
-
 def _report_on_parent(plan: Plan, tracker: tracking.Tracker, parent: str, scored: list, status: str) -> None:
-    """The sweep's report (platform.report, read back from the store) on its parent run: the description is the
-    table in Markdown, the artifacts `report/` (Markdown, HTML, CSV, JSON, plots), the metrics and a tag the best
-    trial's (best evaluation on target val). Printed too. A report that fails never fails the sweep."""
-    import tempfile
-
-    from mlflow.entities import Metric, Param
-
+    """The sweep's report on its parent run (`report.log_to_parent`: description, artifacts, the best trial's
+    metrics and tag), its table printed. A report that fails never fails the sweep."""
     from platform import report
 
     try:
-        built = report.load_sweep_report(plan.tracking_uri, parent)
-        markdown = report.to_markdown(built)
-        with tempfile.TemporaryDirectory(prefix="uda-report-") as directory:
-            report.write(built, directory)
-            tracker.client.log_artifacts(parent, directory, artifact_path="report")
-        brief = report.to_markdown(dataclasses.replace(built, tables=built.tables[:2], plots={}))
-        note = markdown if len(markdown) <= NOTE_LIMIT else brief + "\nThe full report: artifacts `report/report.md`.\n"
-        if status != "FINISHED":
-            reason = tracker.client.get_run(parent).data.tags.get(tracking.REASON_TAG, "")
-            note = f"**{status}**: {reason}\n\n{note}"
-        tracker.client.set_tag(parent, tracking.NOTE_TAG, note[:NOTE_LIMIT])
-        if scored:
-            best = max(scored, key=lambda r: r.data.metrics["val_target/best_miou"])
-            now = int(time.time() * 1000)
-            metrics = [Metric(k, v, now, 0) for k, v in best.data.metrics.items() if k.startswith("val_") and v == v]
-            for start in range(0, len(metrics), 1000):
-                tracker.client.log_batch(parent, metrics=metrics[start : start + 1000])
-            tracker.client.set_tag(parent, tracking.BEST_TAG, f"{best.info.run_name} ({best.info.run_id})")
-            logged = tracker.client.get_run(parent).data.params
-            swept = plan.sweep.swept_keys if plan.sweep.mode != "tpe" else tuple(plan.resolved.space.ranges)
-            values = {k: best.data.params[k] for k in swept if k in best.data.params and k not in logged}
-            if values:
-                tracker.client.log_batch(parent, params=[Param(k, v) for k, v in values.items()])
-        print("\n" + brief.split("\n### Model selection")[0].rstrip())
+        built = report.log_to_parent(plan.tracking_uri, parent, status)
+        brief = report.to_markdown(dataclasses.replace(built, tables=built.tables[:1], plots={}))
+        print("\n" + brief.rstrip())
         print(f"Report: python -m platform.report {plan.name} --tracking-uri {plan.tracking_uri}")
     except Exception as error:  # the trials and their runs are what matters; say why the report is missing
         print(f"(the sweep's report could not be made: {type(error).__name__}: {error})")

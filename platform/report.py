@@ -1215,6 +1215,51 @@ def load_sweep_report(tracking_uri: str, sweep: str) -> Report:
     return sweep_report(info, records, paper_results(info.method), baselines, histories)
 
 
+NOTE_LIMIT = 7500  # MLflow keeps tag values up to 8,000 characters
+NOTE_TAG, REASON_TAG, BEST_TAG = "mlflow.note.content", "uda.failure_reason", "uda.best_trial"  # platform.tracking
+
+
+def log_to_parent(tracking_uri: str, parent_id: str, status: str = "FINISHED") -> Report:
+    """The sweep's report on its parent run, read back from the store: the description (`mlflow.note.content`) is the
+    report in Markdown (the first tables where it is too long), the artifacts `report/` every format and the plots,
+    the metrics and the `uda.best_trial` tag the best trial's (best evaluation on target val), and the swept values of
+    that trial the parent's params under their field names where not logged yet. Run again, it refreshes them."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    built = load_sweep_report(tracking_uri, parent_id)
+    client = _client(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="uda-report-") as directory:
+        write(built, directory)
+        client.log_artifacts(parent_id, directory, artifact_path="report")
+    markdown = to_markdown(built)
+    if len(markdown) > NOTE_LIMIT:
+        markdown = to_markdown(dataclasses.replace(built, tables=built.tables[:2], plots={}))
+        markdown += "\nThe full report: artifacts `report/report.md`.\n"
+    parent = client.get_run(parent_id)
+    if status != "FINISHED":
+        markdown = f"**{status}**: {parent.data.tags.get(REASON_TAG, '')}\n\n{markdown}"
+    client.set_tag(parent_id, NOTE_TAG, markdown[:NOTE_LIMIT])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'FINISHED'"
+    )
+    scored = [r for r in children if BEST in r.data.metrics and RETRIED_TAG not in r.data.tags]
+    if scored:
+        best = max(scored, key=lambda r: r.data.metrics[BEST])
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in best.data.metrics.items() if k.startswith("val_") and v == v]
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(parent_id, metrics=metrics[start : start + 1000])
+        client.set_tag(parent_id, BEST_TAG, f"{best.info.run_name} ({best.info.run_id})")
+        swept = json.loads(best.data.tags.get("uda.swept", "{}"))
+        keys = set(built.data["sweep"].get("swept") or ()) | set(swept)
+        values = {k: best.data.params[k] for k in keys if k in best.data.params and k not in parent.data.params}
+        if values:
+            client.log_batch(parent_id, params=[Param(k, v) for k, v in values.items()])
+    return built
+
+
 def load_task_report(tracking_uri: str, task: str, rule: str) -> Report:
     from platform import tasks
 
@@ -1271,6 +1316,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--format", choices=tuple(RENDERERS), default="md", help="what goes to stdout (md)")
     parser.add_argument("--out", help="also write report.{md,html,csv,json} and plots/*.png into this folder")
+    parser.add_argument(
+        "--log",
+        action="store_true",
+        help="SWEEP: also (re)write the report onto the sweep's parent run (description, artifacts, best metrics), "
+        "as every sweep does when it ends",
+    )
     return parser
 
 
@@ -1286,6 +1337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = load_task_report(uri, args.task, args.rule)
         elif args.sweep:
             report = load_sweep_report(uri, args.sweep)
+            if args.log:
+                parent = find_sweep(_client(uri), args.sweep)
+                report = log_to_parent(uri, parent.run_id, parent.status)
         else:
             sweeps = list_sweeps(_client(uri))
             if not sweeps:
