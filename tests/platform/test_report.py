@@ -305,3 +305,13 @@ def test_run_names_lead_with_the_swept_values():
     assert trial_label(config, ("xi1", "xi2")) == "xi1=0.56 xi2=0.00035 · seed 0"
     assert trial_label({"hp": {}, "seed": 2}, ()) == "defaults · seed 2"
     assert trial_label(config, ("xi1", "xi2"), defaults=True) == "defaults · seed 0"
+
+
+def test_sweep_info_reads_the_parents_settings_apart_from_its_hyperparameters():
+    params = {"sweep.method": "cscl", "sweep.task": "synthetic-urban", "sweep.mode": "grid", "sweep.grid": "table1"}
+    params |= {"sweep.seeds": "0,1", "sweep.overrides": '{"epochs": 2.0}', "sweep.scheduler": "", "batch_size": "8"}
+    parent = RunRecord("p", "s", "FINISHED", params, {"uda.sweep": "s"}, {})
+    info = report.sweep_info(parent, {})  # no sweep.json: the grid's points come from the search space
+    assert (info.method, info.task, info.grid, info.seeds) == ("cscl", "synthetic-urban", "table1", "0,1")
+    assert info.points[0] == {} and "critical_transfer" in info.swept
+    assert info.defaults["epochs"] == 2.0 and info.defaults["xi1"] == 0.3  # the base overrides over the paper's
