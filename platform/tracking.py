@@ -302,14 +302,15 @@ def label_palette(class_names: tuple[str, ...] | list[str]) -> np.ndarray:
 
 
 def prediction_grid(
-    images: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, width: int = 384
+    images: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, widths=(256, 512)
 ) -> np.ndarray:
-    """One row per image: image | prediction | ground truth, (rows · h, 3 · w, 3) uint8 with w ≤ `width`.
+    """One row per image: image | prediction | ground truth, (rows · h, 3 · w, 3) uint8, each tile scaled to a width
+    within `widths` (small synthetic frames enlarged, Cityscapes frames reduced).
 
     images (B, C, H', W') in [0, 1] (C = 1 or 3, any size: resized to the labels'); predictions and labels (B, H, W)
     class ids, 255 = ignored (drawn black)."""
     height, full_width = labels.shape[-2:]
-    scale = min(1.0, width / full_width)
+    scale = min(max(widths[0], full_width), widths[1]) / full_width
     size = (max(1, round(height * scale)), max(1, round(full_width * scale)))
     pictures = torch.nn.functional.interpolate(images.detach().float().cpu(), size=size, mode="bilinear")
     pictures = pictures.expand(-1, 3, -1, -1) if pictures.shape[1] == 1 else pictures[:, :3]

@@ -279,10 +279,10 @@ def test_prediction_grid_rows_are_image_prediction_truth_in_the_tasks_colours():
     labels = torch.full((2, 4, 4), 255, dtype=torch.long)
     labels[:, 0, 0] = 1
     grid = tracking.prediction_grid(images, predictions, labels, palette)
-    assert grid.shape == (8, 12, 3) and grid.dtype.name == "uint8"
+    assert grid.shape == (512, 768, 3) and grid.dtype.name == "uint8"  # 4x4 frames enlarged to 256-pixel tiles
     assert grid[0, 0].tolist() == [128, 128, 128]  # image (grey 0.5)
-    assert grid[0, 4].tolist() == [128, 64, 128]  # prediction: road
-    assert grid[0, 8].tolist() == [230, 25, 75] and grid[1, 9].tolist() == [0, 0, 0]  # truth: lesion, ignored
+    assert grid[0, 256].tolist() == [128, 64, 128]  # prediction: road
+    assert grid[0, 512].tolist() == [230, 25, 75] and grid[100, 600].tolist() == [0, 0, 0]  # truth: lesion, ignored
 
 
 def test_ui_command_and_links_open_the_model_training_view():
