@@ -74,6 +74,10 @@ RANGES = {
     "gamma": ("loguniform", 0.05, 1.0),
 }
 
+# Population Based Training (--scheduler pbt) may change the loss weights and the soft-label temperature of Eq. 14 and
+# Eq. 7-10 while a trial runs (none of them changes a network).
+PERTURBABLE = ("xi1", "xi2", "xi3", "gamma")
+
 
 # Paper numbers beside the grids that reproduce them (`python -m platform.report` prints them next to ours), as
 # printed in ../shared/papers/002_c46badf92f1b9b44.txt: target mIoU and per-class IoU (%), the IoUs as the table's
