@@ -118,6 +118,12 @@ class WebDriver:
         ]
         self._call("POST", f"/session/{self.session}/actions", {"actions": [pointer]})
 
+    def move(self, x: float, y: float) -> None:
+        """Move the pointer without pressing (a hover elsewhere, so that no tooltip stays)."""
+        pointer = {"type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"}}
+        pointer["actions"] = [{"type": "pointerMove", "duration": 0, "x": int(x), "y": int(y)}]
+        self._call("POST", f"/session/{self.session}/actions", {"actions": [pointer]})
+
     def screenshot(self, path: str) -> None:
         png = base64.b64decode(self._call("GET", f"/session/{self.session}/screenshot"))
         with open(path, "wb") as out:
@@ -206,14 +212,16 @@ def shoot(base: str, uri: str, sweep: str, heatmap_sweep: str | None, out: str, 
         driver.get(f"{base}/health")  # same origin: the UI state goes in before the UI starts
         driver.js(UI_STATE, experiment_id, columns, {parent.run_id: True})
         table = tracking.ui_link(base, experiment_id)
-        driver.get(table)
-        driver.wait_for(children[0].info.run_name.split(" · ")[0] if children else sweep, 90)
+        for _ in range(3):  # a first visit to a fresh server may land on the home page: open the link again
+            driver.get(table)
+            if driver.wait_for(children[0].info.run_name if children else sweep, 60):
+                break
         driver.js(CLOSE_ASSISTANT)
         time.sleep(2)
         edge = driver.js(HEADER_EDGE, "attributes.`Run Name`")
         if edge:  # widen the Run Name column (its width is not kept in the UI state), as a user drags it
             driver.drag(edge[0] - 2, edge[1], 230)
-            driver.drag(20, 20, 0)  # and away, so that no tooltip covers the table
+            driver.move(edge[0] + 400, edge[1] + 600)  # and away, so that no tooltip covers the table
         time.sleep(2)
         driver.screenshot(os.path.join(out, "runs_table.png"))
 
@@ -284,9 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             wait_http(f"{base}/health", 120, server)
         shoot(base, uri, args.sweep, args.heatmap_sweep, args.out, args.width, args.height)
     finally:
-        if server is not None:
+        if server is not None:  # only the server this script started (its own process group)
             os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=30)
     return 0
 
 
