@@ -83,8 +83,9 @@ Not printed, decided (each a field with its reason):
     apart by sign). A_F's input features are detached in Step III (A_F is a fixed target distribution there).
 16. Optimisers: TD (both generators with their bottleneck heads, D1, D2): Adam at `td_learning_rate` with
     CycleGAN's betas (0.5, 0.999) ("inspired by [44]"). S: the shared recipe's SGD (momentum 0.9, weight decay 5e-4,
-    head at 10x), poly 0.9. D_F: Adam as printed with the poly decay of its segmenter (AdaptSegNet practice); A_F:
-    Adam with D_F's settings (its adversary; Volpi et al. use one rate for both).
+    head at 10x), poly 0.9. D_F: Adam as printed, at a constant rate (only "initial learning rate" is printed, no
+    schedule; a poly schedule shared by Steps I-III would decay while D_F waits through Step I); A_F: Adam with D_F's
+    settings (its adversary; Volpi et al. use one rate for both).
 17. Budgets: TD 10 + 5 epochs of the source set per round (an epoch of CycleGAN's unaligned data is
     max(|source|, |target|) images, the source set in every task here). TF's length is not printed: as many epochs
     as TD, split I : II : III = 2 : 1 : 1 (`tf_*_epochs`), so that S gets as many supervised updates (Step I) as
@@ -177,7 +178,7 @@ from methods.shared.gan import (
     vanilla_gan_loss,
 )
 from methods.shared.losses import domain_bce, segmentation_loss
-from methods.shared.optim import linear_decay, poly_schedule
+from methods.shared.optim import linear_decay
 from methods.shared.recipes import SegmenterRecipe, recipe_optim, recipe_segmenter
 from methods.shared.segmenter import encode_levels, imagenet_normalise, low_level_channels, upsample
 from methods.shared.transferability import transferability
@@ -593,18 +594,24 @@ def td_optimizers(hp: Hyperparams, modules: nn.ModuleDict, num_steps: int) -> di
     return out
 
 
-def tf_optimizers(hp: Hyperparams, modules: nn.ModuleDict, num_steps: int) -> dict[str, Optim]:
-    """S: the recipe's SGD with poly 0.9 (Sec. 3.5); D_F: Adam 1e-4, betas (0.9, 0.99) (Sec. 3.5), poly; A_F: Adam."""
-    out = {"segmenter": recipe_optim(hp, modules["segmenter"], num_steps)}
+def tf_optimizers(
+    hp: Hyperparams, modules: nn.ModuleDict, num_steps: int, only: tuple[str, ...] | None = None
+) -> dict[str, Optim]:
+    """S: the recipe's SGD with poly 0.9 (Sec. 3.5); D_F: Adam 1e-4, betas (0.9, 0.99) (Sec. 3.5); A_F: Adam with D_F's
+    settings. D_F and A_F keep their rate (reading 16). `only`: the optimisers of one unscoped stage's modules."""
+    out = {}
+    if only is None or "segmenter" in only:
+        out["segmenter"] = recipe_optim(hp, modules["segmenter"], num_steps)
     if hp.feature_augmentation:
-        for name, prefix in (("feature_discriminator", "feature_discriminator"), ("augmentor", "augmentor")):
-            adam = _adam(
-                modules[name].parameters(),
-                getattr(hp, f"{prefix}_learning_rate"),
-                getattr(hp, f"{prefix}_beta1"),
-                getattr(hp, f"{prefix}_beta2"),
-            )
-            out[name] = Optim(adam, poly_schedule(adam, num_steps, hp.poly_power))
+        for name in ("feature_discriminator", "augmentor"):
+            if only is None or name in only:
+                adam = _adam(
+                    modules[name].parameters(),
+                    getattr(hp, f"{name}_learning_rate"),
+                    getattr(hp, f"{name}_beta1"),
+                    getattr(hp, f"{name}_beta2"),
+                )
+                out[name] = Optim(adam)
     return out
 
 
@@ -896,6 +903,12 @@ def _scope(hp: Hyperparams, family: str, round_index: int) -> str | None:
     return None if family == "td" else f"{family}{round_index}"
 
 
+def _tf_stage(scope: str | None, trains: tuple[str, ...], **kwargs: Any) -> Stage:
+    """A TF stage: the first stage of a scope builds every TF optimiser, an unscoped stage only its own modules'."""
+    factory = tf_optimizers if scope else functools.partial(tf_optimizers, only=trains)
+    return Stage(trains=trains, optimizers=factory, optimizer_scope=scope, **kwargs)
+
+
 def stages(hp: Hyperparams) -> tuple[Stage, ...]:
     on_start = snapshot_transferability if hp.feature_augmentation else None
     pseudo_label_pass = None
@@ -917,11 +930,12 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
                     optimizer_scope=_scope(hp, "td", r),
                 )
             )
-        tf = functools.partial(Stage, optimizers=tf_optimizers, optimizer_scope=_scope(hp, "tf", r))
+        tf = functools.partial(_tf_stage, _scope(hp, "tf", r))
+
         out.append(
             tf(
+                ("segmenter",),
                 name="tf_segment",
-                trains=("segmenter",),
                 budget=epochs(hp.tf_segment_epochs, of="source"),
                 step=segment_step,
                 target_pass=pseudo_label_pass,
@@ -930,8 +944,8 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
         if hp.feature_augmentation:
             out.append(
                 tf(
+                    ("augmentor", "feature_discriminator"),
                     name="tf_augment",
-                    trains=("augmentor", "feature_discriminator"),
                     budget=epochs(hp.tf_augment_epochs, of="source"),
                     step=augment_step,
                     on_start=on_start,
@@ -939,8 +953,8 @@ def stages(hp: Hyperparams) -> tuple[Stage, ...]:
             )
             out.append(
                 tf(
+                    ("segmenter", "feature_discriminator"),
                     name="tf_align",
-                    trains=("segmenter", "feature_discriminator"),
                     budget=epochs(hp.tf_align_epochs, of="source"),
                     step=align_step,
                 )

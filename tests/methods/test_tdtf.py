@@ -344,7 +344,15 @@ def test_schedules_and_optimiser_hyperparameters():
     for name in ("feature_discriminator", "augmentor"):
         adam = tf[name].optimizer
         assert adam.defaults["lr"] == 1e-4 and adam.defaults["betas"] == (0.9, 0.99)
-    assert _lr_at(tf["feature_discriminator"], 50) == pytest.approx([1e-4 * 0.5**0.9])
+        assert tf[name].scheduler is None  # a constant rate (reading 16)
+    # an unscoped stage builds only the optimisers of the modules it trains
+    unscoped = tdtf.stages(tdtf.Hyperparams(architecture="tiny", batch_size=2, optimizer_scope="stage"))
+    assert [set(s.optimizers(hp, modules, 10)) for s in unscoped[1:4]] == [
+        {"segmenter"},
+        {"augmentor", "feature_discriminator"},
+        {"segmenter", "feature_discriminator"},
+    ]
+    assert set(tdtf.stages(hp)[2].optimizers(hp, modules, 10)) == {"segmenter", "augmentor", "feature_discriminator"}
 
 
 # ------------------------------------------------------------------ step-level tests
