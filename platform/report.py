@@ -766,7 +766,8 @@ def task_report(task: str, runs: Sequence[RunRecord], rule: Rule, defaults: Mapp
         configurations = []
         for key, group in groups.items():
             params = dict(key)
-            values = {k: v for k, v in params.items() if k not in RUN_PARAMS}
+            known = defaults.get(method)  # the method's hyperparameters (other params are run settings: precision)
+            values = {k: v for k, v in params.items() if k not in RUN_PARAMS and (not known or k in known)}
             is_default = any(r.tags.get(DEFAULTS_TAG) == "true" for r in group) or (
                 method in defaults and is_defaults(values, defaults[method])
             )

@@ -174,7 +174,7 @@ def test_task_comparison_flags_rows_that_are_not_comparable():
     runs = [trial("source_only", s, v, "300") for s, v in ((0, 30.0), (1, 34.0))]
     runs += [trial("cscl", s, v, "200") for s, v in ((0, 40.0), (1, 44.0))]
     runs += [trial("adaptsegnet", s, v, "200") for s, v in ((0, 41.0), (1, 43.0))]
-    runs += [trial("adaptsegnet", 0, 50.0, "200", lambda_adv="0.01")]
+    runs += [trial("adaptsegnet", 0, 50.0, "200", lambda_adv="0.01", precision="fp32")]  # a run setting, not a label
     runs += [trial("source_only", 0, 31.0, "200")]  # another budget: a row of its own
     tiny = {"architecture": "tiny"}
     defaults = {"adaptsegnet": {"lambda_adv": "0.001", **tiny}, "source_only": tiny, "cscl": tiny}
