@@ -1,9 +1,157 @@
 """SLRT: semantic-transferable weakly-supervised endoscopic lesion segmentation (Dong et al., ICCV 2019).
 
-Implements ../shared/papers/001_1bc4ba71fc4bf48c.txt ("the paper"; reading notes ../shared/papers/notes/slrt.md). No
-public implementation exists (the paper's http://ai.sia.cn/lwfb/ holds no code); this one follows the text.
+Implements ../shared/papers/001_1bc4ba71fc4bf48c.txt ("the paper"; reading notes ../shared/papers/notes/slrt.md, a
+first reading checked line by line against the paper here). No public implementation exists (the paper's
+http://ai.sia.cn/lwfb/ holds no code); this one follows the text.
 
-DOCSTRING: written in full below the code is final (see the end of this module's development).
+Components, as printed:
+- E + S2: DeepLab-v3 on ResNet-50 from ImageNet, last two strides 1 (output stride 8), multi-grid dilations (1, 2, 4)
+  in the last block ("three dilated convolutional filters with stride of {1, 2, 4}", read as DeepLab-v3's multi-grid
+  rates 4·(1, 2, 4) at output stride 8), S2 = ASPP + pixel classifier (Sec. 3.3; methods/shared/segmenter.py).
+- S1: the image-level head on E's features (global average pooling, 1x1 convolution to 2 logits, "whether the input
+  image has lesion or not", softmax cross-entropy J, Eq. 2), and the refinement of S2 by S1 (choice 2).
+- D: five 3x3 stride-2 convolutions {16, 32, 64, 64, 1}, LeakyReLU 0.2 between them, on the softmax of S2 upsampled
+  to the image (Sec. 3.3; `slrt_discriminator`).
+- Eq. 1: L = L_C + L_S + η L_D + µ L_SRT, µ = 10, η = 0.3, α = 1, γ = 0.7 (Fig. 5's captions). One Adam step on
+  E, S1, S2 and the refinement per iteration, then D's step (Sec. 3.4). Adam 1e-4, decay 0.7 every 950 steps,
+  batch 4.
+- Alg. 1 (λ_k) from a pass over the whole target training set at every epoch (`TargetPass("every_epoch")`), p =
+  25% + 5% per epoch, at most 55%; Eq. 5 and Alg. 2 (SLIC superpixels, the 8-neighbour vote) on each step's target
+  batch; Alg. 3 (centroid histories) and Eq. 7 every step.
+- Inference (Sec. 3.4 "Testing"): E, S1 and S2, the refinement; D and the pseudo-label machinery are not involved.
+
+Readings of what is printed:
+1. The sign of λ in Eq. 3-4. As printed, +λ‖ŷ‖₁ with λ ≥ 0 makes a label e_k cost −log p_k + λ > 0 = the cost of the
+   zero label, so no pixel could ever be selected; the text calls it "a negative sparse constraint to prevent the
+   trivial solution from ignoring all pseudo pixel labels" and says "a larger λ can promote the selection of more
+   pseudo labels". Read −λ_k‖ŷ‖₁: Eq. 5 is then exactly Eq. 4's minimiser (tested by brute force). λ‖ŷ‖₁ is a
+   constant for the network: only the cross-entropy over selected pixels trains it.
+2. Alg. 1. Line 2 ("Set MP_k = ∅") inside the image loop would keep only the last image: read as an initialisation
+   ("after obtaining maximum predicted probability M_j of each pixel for all target images, we sort the
+   probabilities of all pixels predicted as class k"). Line 12's index is read 1-based, T_k = ⌈(1−p)·n_k⌉ of the
+   ascending sort, so that Eq. 5's strict ">" keeps exactly ⌊p·n_k⌋ pixels of class k (a 0-based literal index keeps
+   one fewer whenever (1−p)·n_k is an integer, none at all for n_k = 4, p = 25%). A class no pixel is predicted as
+   has no λ_k in the text: λ_k = 0, which selects nothing. "axis = 3" is the class axis of NHWC tensors. The pass
+   collects at S2's output resolution (output stride 8; the full-resolution pass over Cityscapes would hold 1.5 G
+   values), Eq. 5 runs at image size on upsampled logits.
+3. Eq. 5's k* is the argmax of p_k / e^{−λ_k}, which is not the plain argmax Alg. 1 sorts by: a class with a low
+   threshold takes pixels whose plain argmax is another class, so the selected fraction is not p (logged).
+4. Alg. 2: line 9's 3x3 window includes the centre, which is unlabelled (line 7), so the vote is over the 8
+   neighbours; "> 4" needs 5 of them with label N_k in the pixel's superpixel (a border pixel with 5 neighbours needs
+   all of them, a corner can never be filled). Only unlabelled pixels change. Line 2 loops over the whole target
+   set, but Alg. 3 line 4 and Sec. 3.4 ("In each training step ... ultimate pseudo pixel labels ŷ are generated via
+   Algorithm 2") run it on each iteration's target images: λ_k from the latest pass, Eq. 5 and the vote per step.
+5. Alg. 3: lines 9-10 are an exponentially weighted sum over iterations, C_k ← γ C_k + C_k^{(n)} ("sum"); earlier
+   terms were computed with earlier parameters and are constants (detached), the gradient reaches the current term
+   only. Lines 7-8 divide by |x| (all pixels of the image): choice 4.
+6. Eq. 6: D is the probability of "target" (its first term is log D(S2(x_t))); D maximises Eq. 6 (BCE with target 1,
+   source 0: ½[BCE(D(P_s), 0) + BCE(D(P_t), 1)]), S2 "is trained to fool D" through the target term only, in the
+   non-saturating form BCE(D(P_t), 0) weighted by η (AdaptSegNet's, the LtA the paper compares with); the source
+   term sends no gradient to the network.
+7. Image-level labels: y^tc = 1 when the target image label holds any class but class 0 ("normal"); they reach
+   S1's loss and nothing else — the paper describes no other use (no pseudo-label filtering by image label). Target
+   pixel labels never reach the method (the platform's target stream carries none; a test checks which Batch fields
+   the step reads).
+
+Choices the paper leaves open (hyperparameters where two readings are plausible):
+1. Numerics of Alg. 1 and Eq. 5 in float32. A float32 softmax returns exactly 1.0 for logit margins above ~17
+   nats and `log_softmax` exactly 0.0 (log(1 + s) rounds to 0), so on a trained model every confident pixel ties at
+   the threshold and Eq. 5's strict ">" selects nothing for that class. λ_k is a log already: the pass stores
+   −log p_max = log1p(Σ_{j≠max} e^{l_j − l_max}), exact until exp underflows (~87-103 nats), and Eq. 5 compares
+   log p_k + λ_k > 0 (`stable_log_probabilities`; tested with margins 20-27 nats, where the probability rule selects
+   none and this one the expected two). Measured: thresholds of 1 − 1e-5 and closer are common after 300 steps.
+2. The refinement "via convolution operation" (Fig. 2's dashed arrows, not in the text): a 1x1 convolution over
+   [S2's logits ‖ S1's softmax], initialised to pass S2's logits through (so training starts from S2's own
+   prediction), gradients into S1 too; every later use of S2's output (L_S, D, pseudo labels, prediction) is the
+   refined one. `refinement="image"` (default) broadcasts S1's image probability; "pixel" uses S1's 1x1 convolution
+   before its pooling (a class-activation map, a probability per pixel). With a spatially constant input, "image"
+   amounts to a learned per-image bias on each class's logits.
+3. "pixel feature maps ... by subnet S2" (Alg. 3 line 5): `centroid_features="s2"` is the ASPP projection (256
+   channels, the classifier's input; `DeepLabV3Head.embed`); on the tiny network, whose S2 is a 1x1 classifier, E's
+   features; "encoder" is E's output. Labels are resized to the feature map by nearest neighbour; ignored source
+   pixels and unlabelled target pixels count for no class. Without the pseudo-label generator (BL+AL+SRT, which
+   Table 2 prints with the same IoUs as Ours-woPL: one configuration), the target centroids use S2's argmax on every
+   target pixel.
+4. The scale of Eq. 1's terms, and why µ = 10 collapsed training (issue 16, item 7). Measured on synthetic-urban
+   (300 steps, seed 0, this file's defaults otherwise): with L_S taken as a mean over pixels and µ·L_SRT as printed,
+   training collapses to one class (6.1 mIoU, as in the issue; without L_SRT 41.1). The log shows why: L_SRT sums
+   ‖C^s − C^t‖² + α‖C^s − C^t‖₁ over K classes × F channels (7 × 128 here) and the history sum of lines 9-10 scales
+   centroids by up to 1/(1 − γ) = 3.3 (the L2 term by up to 11), so µ·L_SRT starts near 400 against a cross-entropy
+   near 2; its trivial minimiser is F = 0 (both centroids at the origin), and gradient descent takes it: the mean
+   feature norm falls from 8 to 1e-5 within 100 steps on both domains, and then nothing can be classified. The
+   history's scale is not the cause on its own (`centroid_history="mean"`, normalised by the accumulated weight:
+   also 6.1), nor the channel sum (`srt_reduction="mean"`, ÷ K·F: 12.2). The cause is the reduction the paper
+   implies for L_S: Eq. 3 sums the cross-entropy over the |x| pixels of each image, so the printed µ = 10 and
+   η = 0.3 weigh L_SRT and L_D against a loss |x| times the per-pixel mean. `loss_reduction="pixel_sum"` (default)
+   keeps L_S as a mean and divides the per-image terms (L_C, η·L_D, µ·L_SRT) by |x| — the printed objective divided
+   by a constant, with the same minimiser and, under Adam, the same steps. With it µ = 10 does not collapse
+   (42.1 mIoU; 47.5 with η on the same footing). "mean" gives the weights against the per-pixel mean as the
+   platform's other methods use them. Alg. 3 lines 7-8 print 1/|x| (all pixels), which makes a "centroid" the class
+   frequency times the class mean: target classes cover only about p of the pixels, so the target centroids would
+   be systematically shorter than the source ones, and shrinking features lowers the loss even when the classes are
+   aligned. `centroid_normalisation="class"` (default) divides by the class's pixel count (the centroid the text
+   describes, "the centroids of the class k"); "image" is the literal 1/|x|. `centroid_history="sum"` (default, as
+   printed) includes every class in Eq. 7 (a class never seen on a side has C = 0 there); "mean" normalises by the
+   accumulated weight W_k ← γ W_k + 1[present] and only compares classes seen on both sides. `srt_reduction`: "sum"
+   as printed, "mean" divides by the compared classes × channels. Centroids are computed over the whole global
+   batch (sums and counts reduced with `ctx.all_reduce_mean`, the gradient through each worker's own terms), so that
+   data-parallel workers keep identical histories.
+5. Alg. 2 in place or simultaneous: line 14 writes into the ŷ line 9 reads, in raster order ("raster", a sequential
+   loop, practical at synthetic sizes only), so a pixel filled earlier can vote for later ones; "simultaneous"
+   (default) lets every vote read Eq. 5's labels (vectorised; no raster-order bias that a flip would change). The
+   two differ only on chains of holes (tested on a hand-made map).
+6. SLIC [1] (scikit-image; no parameter printed): about H·W / `superpixel_size`² segments in CIELAB,
+   `superpixel_compactness` 10 (SLIC's m for CIELAB), 10 iterations, no smoothing, connected segments, on the
+   augmented target image the step sees (so segments and pseudo labels align by construction);
+   `superpixel_scale` < 1 runs SLIC on the image resized by that factor and resizes the segment map back (for the
+   cost at 1024x512). `superpixel_source="store"` computes the superpixels in Alg. 1's pass instead, on the
+   unaugmented images at the task's target size, and keeps them in the platform's per-sample store (int16, about
+   H·W·2 bytes per target image: 3.1 GB for Cityscapes' 2,975 images at 1024x512); each step gets them placed like
+   its crop (padding: segment id −1, which never votes). Both cost one SLIC per target image per epoch (the pass
+   runs every epoch and writes a new store version); the store moves the cost out of the step.
+7. "each training epoch" for p: an epoch of the target training set (`portion_every="target"`, the set Alg. 1 passes
+   over; endoscopy: 300 images, 75 steps at batch 4); "source" counts source epochs.
+8. Sec. 3.1's "We firstly forward image x_s ... to optimize the whole network excluding D ... the target image ...
+   is then forwarded into our model to fine-tuning the whole network" can be read as a source phase before
+   adaptation; Alg. 3 and Sec. 3.4 start every term at iteration 1. `source_warmup_steps` (default 0, as Sec. 3.4)
+   spends that many steps on the source terms of L_S and L_C first (a stage that never loads target images).
+9. Eq. 3's target term sums over all pixels like the source term: divided by the number of target pixels
+   (`target_loss_normalisation="pixels"`, default), so its weight grows with the selected fraction; "selected" is
+   the mean over selected pixels.
+10. D's optimiser is not printed: Adam at `discriminator_learning_rate` 1e-4 with the network's betas and schedule
+   ("The Adam optimizer is used to train whole networks"); D's loss is not scaled by η (η weighs the generator's
+   term of Eq. 1; D's own step is invariant to a constant factor under Adam).
+11. y^sc (Eq. 2, source): the source images' image-level labels where the task has them (`Batch.source_image_label`;
+   the endoscopy task's 2,400 image-labelled gastroscope images stream with all-ignore pixel labels, so they train
+   S1 and nothing else), otherwise read off the pixel labels of the crop the step sees.
+12. Batch norm and workers: batch norm trains (batch 4). Two workers at `batch_size=2` reproduce the global batch of
+   4 for every loss and for the centroids (reduced over workers), but each worker's batch norm normalises over its
+   own 2 images unless `--sync-batchnorm` (GPUs); four workers at batch 1 are rejected before anything starts
+   (DeepLab-v3's image-pooling batch norm cannot train on one image; SegmenterRecipe's check).
+13. Length and schedule: the paper prints no number of iterations. `num_steps` = 9,500, ten of the 950-step decay
+   periods (the learning rate ends at 0.7^9 ≈ 4% of the initial; p reaches 55% after 6 target epochs, 450 steps on
+   endoscopy, 4,464 on Cityscapes). "exponential decay with the rate and step size as 0.7 and 950" is read as the
+   staircase lr·0.7^⌊t/950⌋ ("step size"); `lr_decay_staircase=False` gives lr·0.7^(t/950). Adam's betas are not
+   printed: (0.9, 0.999).
+14. Which forward Eq. 5's thresholds apply to: the step's own target forward (`pseudo_label_forward="train"`,
+   Sec. 3.4: "We then obtain the target softmax output S2(x_t) ... and ultimate pseudo pixel labels ŷ are generated
+   via Algorithm 2"), in train mode; Alg. 1's pass runs in eval mode (batch-norm running statistics). At the
+   thresholds of a trained model (1 − 1e-5 and closer) the two disagree: "eval" labels the batch with a separate
+   no-grad forward in eval mode, the outputs λ_k was ranked on.
+
+Ablations (Tables 2-4; search_spaces/slrt.py): `classification_head` (S1, L_C, the refinement: on for Table 1-2's
+endoscopy models, "we remove the classification head" on SYNTHIA/GTA5 → Cityscapes, Sec. 4.3), `adversarial` (AL),
+`pseudo_labels` (PL; Ours-woPL = BL+AL+SRT), `semantic_transfer` (SRT), `class_balance` (False: Ours-woCB, one λ
+from all pixels pooled, Eq. 3's "global weight"), `superpixels` (False: Ours-woSP). `class_balance` and
+`superpixels` do nothing without `pseudo_labels`. BL without the classification head never loads target images
+(Tables 3-4's source-only DeepLab-v3).
+
+Logged (train/...): the losses, λ_k per class (`lambda/<class>`), the portion p, the fraction of target pixels with a
+pseudo label after Eq. 5 and after Alg. 2 (and per class), SLIC's seconds per step, the centroid distance and the
+mean feature norm per domain (a collapse shows there first), S1's accuracy on the target batch and on the whole
+target set at the latest pass. `samples`: the prediction, Eq. 5's seeds, the labels after Alg. 2's vote and the
+superpixel boundaries on the first target validation images (λ_k from Alg. 1 over those images at p = portion_max:
+`samples` is not given the training state).
 """
 
 from __future__ import annotations
@@ -98,6 +246,8 @@ class Hyperparams(SegmenterRecipe):
     centroid_history: Literal["sum", "mean"] = "sum"  # choice 4
     srt_reduction: Literal["sum", "mean"] = "sum"  # choice 4
     target_loss_normalisation: Literal["pixels", "selected"] = "pixels"  # choice 9
+    loss_reduction: Literal["pixel_sum", "mean"] = "pixel_sum"  # Eq. 3 sums over pixels (choice 4: the µ finding)
+    pseudo_label_forward: Literal["train", "eval"] = "train"  # which forward Eq. 5 thresholds (choice 14)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,6 +289,8 @@ class Hyperparams(SegmenterRecipe):
             ("centroid_history", ("sum", "mean")),
             ("srt_reduction", ("sum", "mean")),
             ("target_loss_normalisation", ("pixels", "selected")),
+            ("loss_reduction", ("pixel_sum", "mean")),
+            ("pseudo_label_forward", ("train", "eval")),
         ):
             require(
                 getattr(self, name) in valid, f"{name} must be one of {', '.join(valid)} (got {getattr(self, name)!r})"
@@ -638,12 +790,21 @@ def target_image_targets(batch: Batch) -> Tensor:
     return lesion_present(batch.target_image_label)
 
 
+def image_term_weight(hp: Hyperparams, images: Tensor) -> float:
+    """The weight of Eq. 1's per-image terms (L_C, η·L_D, µ·L_SRT) next to L_S taken as a mean over pixels.
+    "pixel_sum": 1/|x| for images (B, C, H, W), |x| = H·W: Eq. 3 sums the cross-entropy over the |x| pixels of an
+    image, so with L_S as a mean the printed objective is divided by |x| throughout (the same minimiser; Adam's
+    step does not change with a constant factor of the loss). "mean": 1, the weights against a per-pixel mean."""
+    return 1.0 / (images.shape[-2] * images.shape[-1]) if hp.loss_reduction == "pixel_sum" else 1.0
+
+
 def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     """One iteration (Sec. 3.4, Alg. 3): Eq. 1 minimised over E, S1, S2 and the refinement by one Adam step, then
     D's step on Eq. 6 with the detached outputs."""
     hp, info, modules = ctx.hp, ctx.info, ctx.modules
     metrics: dict[str, Tensor] = {}
     source_size = tuple(batch.source_image.shape[-2:])
+    per_image = image_term_weight(hp, batch.source_image)
 
     # Alg. 3 line 3 / Sec. 3.4: forward the source images with their image and pixel labels.
     out_s = forward(hp, modules, imagenet_normalise(batch.source_image))
@@ -652,7 +813,7 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     metrics["loss_seg_source"] = loss_seg_source.detach()
     if hp.classification_head:  # Eq. 2, source term
         loss_cls_source = F.cross_entropy(out_s.image_logits, source_image_targets(ctx, batch))
-        total = total + loss_cls_source
+        total = total + per_image * loss_cls_source
         metrics["loss_cls_source"] = loss_cls_source.detach()
     if not hp.uses_target:  # BL without the classification head (Tables 3-4): source only
         _descend(ctx, "network", total)
@@ -665,14 +826,15 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     if hp.classification_head:  # Eq. 2, target term
         y_tc = target_image_targets(batch)
         loss_cls_target = F.cross_entropy(out_t.image_logits, y_tc)
-        total = total + loss_cls_target
+        total = total + per_image * loss_cls_target
         metrics["loss_cls_target"] = loss_cls_target.detach()
         metrics["cls_accuracy_target"] = (out_t.image_logits.detach().argmax(1) == y_tc).float().mean()
 
     # Alg. 3 line 4 / Alg. 2: the ultimate pseudo pixel labels of the target batch; Eq. 3's target term.
     labels_t = None
+    labelling_logits = out_t.logits if hp.pseudo_label_forward == "train" else _eval_logits(hp, modules, batch)
     if hp.pseudo_labels:
-        labels_t, pl_metrics = pseudo_label_targets(ctx, batch, out_t.logits)
+        labels_t, pl_metrics = pseudo_label_targets(ctx, batch, labelling_logits)
         metrics.update(pl_metrics)
         loss_seg_target = target_segmentation_loss(
             out_t.logits, labels_t, info.ignore_index, hp.target_loss_normalisation
@@ -680,23 +842,25 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
         total = total + loss_seg_target
         metrics["loss_seg_target"] = loss_seg_target.detach()
         metrics["portion"] = torch.tensor(float(ctx.state["portion"]))
+        if "pass_cls_accuracy_target" in ctx.state:  # S1 on the whole target set at the latest pass
+            metrics["pass_cls_accuracy_target"] = torch.tensor(float(ctx.state["pass_cls_accuracy_target"]))
         for k, name in enumerate(info.class_names):
             metrics[f"lambda/{name}"] = ctx.state["lambdas"][k].detach().float()
 
     # Eq. 6, the segmenter's side: η · L_D through the target outputs.
     if hp.adversarial:
         loss_adv = adversarial_loss(modules["discriminator"](output_map(out_t.logits, target_size)))
-        total = total + hp.eta * loss_adv
+        total = total + per_image * hp.eta * loss_adv
         metrics["loss_adv_target"] = loss_adv.detach()
 
     # Alg. 3 lines 5-10, Eq. 7: µ · L_SRT over S2's pixel features.
     if hp.semantic_transfer:
         if labels_t is None:  # BL+AL+SRT (= Ours-woPL): S2's own argmax on every target pixel (choice 3)
-            labels_t = upsample(out_t.logits.detach(), target_size).argmax(1)
+            labels_t = upsample(labelling_logits.detach(), target_size).argmax(1)
         loss_srt, srt_metrics = semantic_transfer_loss(
             ctx, centroid_features(hp, out_s), batch.source_label, centroid_features(hp, out_t), labels_t
         )
-        total = total + hp.mu * loss_srt
+        total = total + per_image * hp.mu * loss_srt
         metrics["loss_srt"] = loss_srt.detach()
         metrics.update(srt_metrics)
 
@@ -716,6 +880,19 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     return metrics
 
 
+@torch.no_grad()
+def _eval_logits(hp: Hyperparams, modules: nn.ModuleDict, batch: Batch) -> Tensor:
+    """The target batch's logits in eval mode (batch-norm running statistics), the forward Alg. 1's pass saw
+    (choice 14); every module's mode is restored afterwards."""
+    modes = {name: module.training for name, module in modules.items()}
+    modules.eval()
+    try:
+        return forward(hp, modules, imagenet_normalise(batch.target_image)).logits
+    finally:
+        for name, module in modules.items():
+            module.train(modes[name])
+
+
 def _descend(ctx: StepContext, name: str, loss: Tensor) -> None:
     optimizer = ctx.optimizers[name]
     optimizer.zero_grad(set_to_none=True)
@@ -731,7 +908,7 @@ def warmup_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     metrics = {"loss_seg_source": loss.detach()}
     if hp.classification_head:
         loss_cls = F.cross_entropy(out_s.image_logits, source_image_targets(ctx, batch))
-        loss = loss + loss_cls
+        loss = loss + image_term_weight(hp, batch.source_image) * loss_cls
         metrics["loss_cls_source"] = loss_cls.detach()
     _descend(ctx, "network", loss)
     return metrics

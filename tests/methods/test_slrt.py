@@ -337,8 +337,16 @@ LAMBDAS = torch.tensor([0.6, 0.4])  # selects some pixels of each class on the s
 
 
 def _hp(**changes):
-    # superpixels from the batch's store: the gradient tests hand in maps on which Alg. 2 fills nothing
-    defaults = {"architecture": "tiny", "batch_size": 2, "superpixel_size": 4, "mu": 1.0, "superpixel_source": "store"}
+    # superpixels from the batch's store: the gradient tests hand in maps on which Alg. 2 fills nothing; the
+    # per-image terms at full weight ("mean"), so that every term's gradient is of the order of L_S's
+    defaults = {
+        "architecture": "tiny",
+        "batch_size": 2,
+        "superpixel_size": 4,
+        "mu": 1.0,
+        "superpixel_source": "store",
+        "loss_reduction": "mean",
+    }
     return slrt.Hyperparams(**{**defaults, **changes})
 
 
@@ -478,7 +486,10 @@ def _paper_losses(hp, modules, batch, lambdas, history=None):
 
 
 def _network_objective(hp, losses):
-    return losses["seg_source"] + losses["cls"] + losses["seg_target"] + hp.eta * losses["adv"] + hp.mu * losses["srt"]
+    # Eq. 1; "pixel_sum": Eq. 3's sums over pixels, i.e. the per-image terms divided by |x| next to mean L_S
+    w = 1 / SIZE**2 if hp.loss_reduction == "pixel_sum" else 1.0
+    per_image = losses["cls"] + hp.eta * losses["adv"] + hp.mu * losses["srt"]
+    return losses["seg_source"] + losses["seg_target"] + w * per_image
 
 
 def _network_params(modules):
@@ -508,8 +519,9 @@ def _assert_grads(captured, params, expected):
             assert _close(got, g), (got - g).abs().max()
 
 
-def test_the_network_step_descends_eq1_and_the_discriminator_step_eq6(float64):
-    hp = _hp()
+@pytest.mark.parametrize("reduction", ["mean", "pixel_sum"])
+def test_the_network_step_descends_eq1_and_the_discriminator_step_eq6(float64, reduction):
+    hp = _hp(loss_reduction=reduction)
     metrics, grads, before, ctx = _run_step(hp)
     batch = _batch()
     losses = _paper_losses(hp, before, batch, LAMBDAS.clone())
@@ -544,11 +556,13 @@ def test_the_network_step_descends_eq1_and_the_discriminator_step_eq6(float64):
     assert not all(_close(w, e) for w, e in zip(wrong, d_expected))
 
 
-def test_mu_and_eta_weigh_their_own_terms(float64):
+@pytest.mark.parametrize("reduction", ["mean", "pixel_sum"])
+def test_mu_and_eta_weigh_their_own_terms(float64, reduction):
     batch = _batch()
     lambdas = LAMBDAS.clone()
+    scale = 1 / SIZE**2 if reduction == "pixel_sum" else 1.0  # pixel_sum: Eq. 3 sums over the |x| pixels
     for weight, term in (("mu", "srt"), ("eta", "adv")):
-        runs = {value: _run_step(_hp(**{weight: value})) for value in (0.0, 2.0)}
+        runs = {value: _run_step(_hp(loss_reduction=reduction, **{weight: value})) for value in (0.0, 2.0)}
         before = runs[0.0][2]
         params = _network_params(before)
         grad_term = torch.autograd.grad(
@@ -561,7 +575,7 @@ def test_mu_and_eta_weigh_their_own_terms(float64):
             g = torch.zeros_like(p_before) if g is None else g
             g0 = torch.zeros_like(p_before) if g0 is None else g0
             g2 = torch.zeros_like(p_before) if g2 is None else g2
-            assert _close(g2 - g0, 2 * g), weight
+            assert _close(g2 - g0, 2 * scale * g), weight
         assert any(torch.count_nonzero(g) for g in grad_term if g is not None), term
 
 
@@ -849,3 +863,24 @@ def test_deeplab_v3_head_embeds_s2s_pixel_features():
     embedding = head.embed(features)
     assert embedding.shape == (2, 16, 5, 5)
     assert torch.allclose(head.classifier(embedding), head(features), atol=1e-6)
+
+
+def test_eval_forward_pseudo_labels_rank_the_outputs_alg1_saw():
+    hp = _hp(pseudo_label_forward="eval", semantic_transfer=False, adversarial=False)
+    modules = _seeded(hp)
+    with torch.no_grad():  # running statistics that differ from the batch's, as after training
+        for module in modules.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    metrics, _, before, ctx = _run_step(hp, modules=modules)
+    assert all(m.training for m in ctx.modules.values())  # modes restored
+    _forward(before, _batch().source_image)  # the step's two train-mode forwards move the running statistics first
+    _, train_logits, _ = _forward(before, _batch().target_image)
+    before.eval()
+    with torch.no_grad():
+        _, eval_logits, _ = _forward(before, _batch().target_image)
+    labels = _eq5(eval_logits, LAMBDAS.clone())
+    assert not torch.equal(labels, _eq5(train_logits, LAMBDAS.clone()))
+    ce = F.cross_entropy(_up(train_logits), labels, ignore_index=U, reduction="sum") / labels.numel()
+    assert metrics["loss_seg_target"].item() == pytest.approx(ce.item(), rel=1e-5)
