@@ -180,8 +180,8 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace, single: bool) -> Plan:
-    resolved_method = config.resolve(args.method, args.task)  # method/task first, for the error order users expect
-    overrides = config.parse_overrides(resolved_method.method, args.overrides)
+    method, _, _ = config.method_and_task(args.method, args.task)  # first, for the error order users expect
+    overrides = config.parse_overrides(method, args.overrides)
     resolved = config.resolve(args.method, args.task, overrides, args.max_steps, args.eval_every)
     for flag, value, minimum in (
         ("--workers", args.workers, 1),

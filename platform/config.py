@@ -57,13 +57,9 @@ class Resolved:
     eval_every: int | None  # None: a fifth of each trial's steps
 
 
-def resolve(
-    method_name: str,
-    task_name: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    max_steps: int | None = None,
-    eval_every: int | None = None,
-) -> Resolved:
+def method_and_task(method_name: str, task_name: str | None = None) -> tuple[Method, SearchSpace, Task]:
+    """The method, its search space and the task (the space's default when None); UsageError naming the valid
+    choices otherwise. Checked before anything else reads --set, so that errors come in the order users expect."""
     try:
         method = methods.get(method_name)
     except methods.UnknownMethodError as error:
@@ -76,7 +72,17 @@ def resolve(
     if task_name not in tasks.TASKS or task_name not in method.tasks:
         kind = "unknown task" if task_name not in tasks.TASKS else "task not supported by this method:"
         raise UsageError(f"{kind} {task_name!r} for {method.name}; valid: {', '.join(method.tasks)}")
-    task = tasks.get(task_name)
+    return method, space, tasks.get(task_name)
+
+
+def resolve(
+    method_name: str,
+    task_name: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
+    eval_every: int | None = None,
+) -> Resolved:
+    method, space, task = method_and_task(method_name, task_name)
     base = {**space.task_defaults.get(task.name, {}), **(overrides or {})}
     hp = check_hyperparams(method, base)
     check_weights_files(method, task, base)

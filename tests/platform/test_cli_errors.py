@@ -63,6 +63,8 @@ def test_missing_dataset_names_the_command_that_prepares_it(tmp_path, capsys):
             "source_only",
             "--task",
             "gta5-cityscapes",
+            "--set",
+            "backbone_weights=random",  # past the ImageNet-weights check, which comes first
             "--data-root",
             str(empty),
             "--tracking-uri",

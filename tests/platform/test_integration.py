@@ -164,13 +164,19 @@ def _stacks(pid: int) -> str:
 
 def metric_steps(database, key: str) -> list[int]:
     """Read-only poll of a store that another process is still creating (an MlflowClient here would race it to
-    create the schema): the steps at which `key` was logged, in order."""
+    create the schema): the steps at which `key` was logged by trials (child runs; a sweep's parent run gets its
+    best trial's final metrics at its end), in order."""
     if not os.path.exists(database):
         return []
     try:
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
             return [
-                row[0] for row in connection.execute("SELECT step FROM metrics WHERE key = ? ORDER BY step", (key,))
+                row[0]
+                for row in connection.execute(
+                    "SELECT step FROM metrics WHERE key = ? AND run_uuid IN "
+                    "(SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId') ORDER BY step",
+                    (key,),
+                )
             ]
     except sqlite3.Error:
         return []
@@ -257,7 +263,7 @@ def test_tpe_search_with_asha(tmp_path, subprocess_env):
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     rates = sorted(float(c.data.params["learning_rate"]) for c in children)
     assert 0.01 in rates and len(set(rates)) == 3  # TPE evaluates the defaults first, then its own suggestions
-    assert parents[0].data.params["mode"] == "tpe"
+    assert parents[0].data.params["sweep.mode"] == "tpe"
 
 
 def test_ray_workers_import_platform_and_both_trial_runners_are_deterministic(tmp_path, subprocess_env, data_root):
