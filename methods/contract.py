@@ -103,8 +103,10 @@ class Augmentation:
     crop: Tensor
     flip: Tensor
 
-    def to(self, device: torch.device) -> Augmentation:
-        return Augmentation(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+    def to(self, device: torch.device, non_blocking: bool = False) -> Augmentation:
+        return Augmentation(
+            *(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in dataclasses.fields(self))
+        )
 
 
 @dataclass(frozen=True)

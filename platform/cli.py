@@ -572,6 +572,7 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
         slots=_slot_keeper(plan, concurrency) if plan.args.resume else "",
         tracked=resolved.space.perturbable if plan.scheduler == "pbt" else (),
         precision=getattr(plan.args, "precision", "fp32"),
+        checkpoints_kept=_checkpoints_kept(plan),
     )
     inline = plan.runner == config.INLINE
     trainable = tune.with_resources(
@@ -625,9 +626,7 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
                     verbose=0,  # our progress lines instead of Tune's tables (platform/progress.py)
                     # PBT restores a trial from another's checkpoint, possibly evaluations later (it waits for a
                     # slot): keep them all; otherwise the latest two
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if plan.scheduler == "pbt" else 2)
-                    if inline
-                    else None,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=_checkpoints_kept(plan)) if inline else None,
                     failure_config=tune.FailureConfig(max_failures=plan.args.max_failures if inline else 0),
                     # saved with the sweep, so that a resumed sweep's trials give their slots back (tuning.py)
                     callbacks=[tuning.SlotRelease(tuning.slot_keeper_name(plan.name)), _progress(plan)],
@@ -687,6 +686,11 @@ def _parent_reason(status: str, results: Any) -> str:
         return "interrupted; continue with --resume --name <this sweep>"
     errors = len(results.errors) if results is not None else 0
     return f"no trial finished ({errors} failed)"
+
+
+def _checkpoints_kept(plan: Plan) -> int | None:
+    """Checkpoints kept per trial: the latest two (resume, retries), every one under PBT (an exploit may take any)."""
+    return None if plan.scheduler == "pbt" else 2
 
 
 def _sweep_settings(plan: Plan) -> dict[str, Any]:

@@ -23,6 +23,7 @@ checkpoint to resume from: Ray Train, Tune, or a local object in tests and bench
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -85,6 +86,8 @@ class TrialSpec:
     tracked_hyperparams: tuple[str, ...] = ()  # logged as hp/<name> at every evaluation (values PBT changes)
     store_root: str | None = None  # the per-sample store's root in the trial's storage (None: a temporary dir)
     precision: str = "fp32"  # fp32 | bf16 | fp16: torch.autocast for steps and predict (StepContext.precision)
+    checkpoints_kept: int | None = 2  # how many latest checkpoints Ray/Tune keeps (None: all, as under PBT); the
+    # per-sample store keeps every version one of them names
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -525,6 +528,8 @@ class TargetPasses:
     def __init__(self, trial: Trial, store_root: str):
         self.trial, self.store_root = trial, store_root
         self.extras: store.SampleStore | None = None
+        kept = trial.spec.checkpoints_kept
+        self._named: collections.deque[str | None] | None = None if kept is None else collections.deque(maxlen=kept)
 
     def specs(self, stage: Stage) -> Mapping[str, Any]:
         return stage.target_pass.store if stage.target_pass is not None else {}
@@ -532,6 +537,7 @@ class TargetPasses:
     def reopen(self, stage: Stage, progress: Progress) -> bool:
         """After a restore: open the store version the checkpoint names; False if it must be computed again."""
         self.extras = None
+        self.checkpointed(progress.store_version, prune=False)  # the checkpoint restored from is still kept
         if not self.specs(stage) or progress.store_version is None:
             return True
         if store.exists(self.store_root, progress.store_version):
@@ -541,6 +547,16 @@ class TargetPasses:
             "per-sample store %s is gone: the target pass runs again with the restored model", progress.store_version
         )
         return False
+
+    def checkpointed(self, version: str | None, prune: bool = True) -> None:
+        """A checkpoint naming `version` was reported (or restored): delete the versions that neither a kept
+        checkpoint names nor the stage uses (with every checkpoint kept, as under PBT, nothing)."""
+        if self._named is None:
+            return
+        self._named.append(version)
+        if prune:
+            keep = {name for name in self._named if name} | ({self.extras.version} if self.extras else set())
+            store.prune(self.store_root, keep, in_store=self.trial.rank == 0)
 
     def due(self, stage: Stage, ctx: StepContext, progress: Progress) -> bool:
         target_pass = stage.target_pass
@@ -838,6 +854,7 @@ class TrialRunner:
         self.optimisers = Optimisers(self.trial)
         self.evaluator = Evaluator(self.trial)
         self.reporter = Reporter(self.trial, session, logger)
+        self.passes: TargetPasses | None = None  # while `run` runs
 
     # the names tests and tools read
     @property
@@ -869,7 +886,7 @@ class TrialRunner:
         torch.set_num_threads(max(1, self.spec.threads))
         distributed.broadcast_parameters(self.trial.modules)
         with self._store_root() as root:
-            passes = TargetPasses(self.trial, root)
+            self.passes = passes = TargetPasses(self.trial, root)
             saved = self._restore(passes)
             while self.progress.stage_index < len(self.trial.stages):
                 self._run_stage(passes, saved)
@@ -917,6 +934,8 @@ class TrialRunner:
         metrics["time/eval_s"] = time.perf_counter() - started
         samples = self.evaluator.samples(entered.position) if self.logger is not None else {}
         self.reporter.evaluation(metrics, self.progress, entered.position, self._training_state(entered.stage), samples)
+        if self.passes is not None:
+            self.passes.checkpointed(self.progress.store_version)
 
     def _training_state(self, stage: Stage) -> dict[str, Any]:
         return {

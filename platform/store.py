@@ -17,8 +17,9 @@ the store root is a URI (s3://...), parts are written to a local cache, uploaded
 downloaded to the local cache before they are mapped.
 
 A checkpoint records the version in force (`training_state.pt` → "store"), so that a trial restored from it, on
-this node or another, reads the maps computed by the model of that time. Rank 0 keeps the latest `KEEP` versions
-and deletes older ones: the two checkpoints Ray or Tune keep reference at most the latest two.
+this node or another, reads the maps computed by the model of that time. After each checkpoint the loop keeps the
+versions that the checkpoints Ray or Tune still keep name, and the one in use, and deletes the rest (`prune`: rank 0
+in the store, every rank in its local cache); a trial that keeps every checkpoint (PBT) keeps every version.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from methods.contract import SampleMap
 from platform.datasets import is_uri
 
 COMPLETE = "COMPLETE"
-KEEP = 3
 _NUMPY = {
     torch.uint8: np.uint8,
     torch.int8: np.int8,
@@ -119,14 +119,27 @@ class StoreWriter:
 
 
 def mark_complete(root: str, version: str, specs: Mapping[str, SampleMap], world_size: int) -> None:
-    """Rank 0, after every rank closed its writer: the version may be read; older versions beyond KEEP go."""
+    """Rank 0, after every rank closed its writer: the version may be read."""
     text = json.dumps({"maps": sorted(specs), "world_size": world_size})
     filesystem, base = _filesystem(root)
     with filesystem.open_output_stream(f"{base}/{version}/{COMPLETE}") as stream:
         stream.write(text.encode())
-    for old in versions(root)[:-KEEP]:
-        filesystem.delete_dir(f"{base}/{old}")
-        shutil.rmtree(os.path.join(local_cache(root), old), ignore_errors=True)
+
+
+def prune(root: str, keep: set[str], in_store: bool) -> None:
+    """Delete every version (complete or not) but those in `keep`: from the store itself where `in_store` (rank 0),
+    and from this node's local cache of a URI store (every rank)."""
+    if in_store:
+        filesystem, base = _filesystem(root)
+        if filesystem.get_file_info(base).type != pafs.FileType.NotFound:
+            for info in filesystem.get_file_info(pafs.FileSelector(base)):
+                if info.type == pafs.FileType.Directory and info.base_name not in keep:
+                    filesystem.delete_dir(f"{base}/{info.base_name}")
+    cache = local_cache(root)
+    if is_uri(root) and os.path.isdir(cache):
+        for name in os.listdir(cache):
+            if name not in keep:
+                shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
 
 
 def versions(root: str) -> list[str]:

@@ -76,6 +76,7 @@ class TrialTemplate:
     slots: str = ""  # the named SlotKeeper actor that caps running trials (resumed sweeps), or "" for none
     tracked: tuple[str, ...] = ()  # hyperparameters logged as hp/<name> at every evaluation (PBT's perturbable ones)
     precision: str = "fp32"  # --precision: fp32 | bf16 | fp16 (loop.TrialSpec.precision)
+    checkpoints_kept: int | None = 2  # Tune's CheckpointConfig.num_to_keep (None under PBT; loop.TrialSpec)
 
 
 @ray.remote(num_cpus=0)
@@ -247,6 +248,7 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
         tags={"mlflow_run_id": run_id, "trial_id": trial_id},
         tracked_hyperparams=tuple(template.tracked),
         precision=template.precision,
+        checkpoints_kept=template.checkpoints_kept,
         store_root=os.path.join(
             template.store_root or os.path.join(os.path.dirname(template.storage_path), "stores"), trial_id
         ),

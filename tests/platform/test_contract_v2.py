@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import types
 from collections import Counter
 from types import MappingProxyType
 
@@ -314,7 +315,8 @@ def test_the_store_survives_a_resume_and_is_rebuilt_when_gone(probe_root, tmp_pa
     straight = loop.TrialRunner(_spec(probe_root, str(tmp_path / "a")), loop.LocalSession())
     straight.run()
     sessions = loop.LocalSession(checkpoint_root=str(tmp_path / "ckpt"))
-    spec = dataclasses.replace(_spec(probe_root, str(tmp_path / "b")), eval_every=2)
+    # a LocalSession keeps every checkpoint, so the store keeps every version (as under PBT)
+    spec = dataclasses.replace(_spec(probe_root, str(tmp_path / "b")), eval_every=2, checkpoints_kept=None)
     loop.TrialRunner(spec, sessions).run()
     # restart at the step-2 checkpoint (inside stage "a", after its pass), as after a killed worker
     CALLS.clear()
@@ -527,3 +529,54 @@ def test_steps_and_predict_run_under_the_trials_precision(probe_root, tmp_path, 
     assert seen["dtypes"] == (half, torch.float32, torch.float32)
     assert (seen["scale"] is None) == (precision == "bf16")  # fp16's loss scale, from the platform's scaler
     assert 0 <= final["val_target/miou"] <= 100 and torch.isfinite(torch.tensor(final["train/loss"]))
+
+
+def test_a_batch_moves_with_its_augmentations_and_extras():
+    augmentation = contract.Augmentation(
+        size=torch.tensor([[8, 8]]), scale=torch.ones(1), crop=torch.tensor([[0, 0, 4, 4]]), flip=torch.tensor([True])
+    )
+    batch = Batch(
+        source_image=torch.zeros(1, 3, 4, 4),
+        source_label=torch.zeros(1, 4, 4, dtype=torch.long),
+        target_image=torch.ones(1, 3, 4, 4),
+        source_augmentation=augmentation,
+        target_augmentation=augmentation,
+        target_extras=MappingProxyType({"map": torch.full((1, 4, 4), 7, dtype=torch.int16)}),
+    )
+    moved = batch.to(torch.device("cpu"))
+    assert torch.equal(moved.target_augmentation.crop, augmentation.crop) and moved.target_augmentation.flip.item()
+    assert moved.target_extras["map"].dtype == torch.int16 and int(moved.target_extras["map"][0, 0, 0]) == 7
+    assert moved.source_index is None and torch.equal(moved.target_image, batch.target_image)
+
+
+def _store_versions(root, *steps):
+    specs = {"m": SampleMap(torch.uint8)}
+    for step in steps:
+        version = store.version_name(step, 0)
+        writer = store.StoreWriter(root, version, specs, rank=0)
+        writer.add("m", torch.tensor([0]), torch.zeros(1, 2, 2, dtype=torch.uint8))
+        writer.close()
+        store.mark_complete(root, version, specs, world_size=1)
+    return [store.version_name(step, 0) for step in steps]
+
+
+@pytest.mark.parametrize("kept", [2, None])
+def test_store_versions_live_as_long_as_a_kept_checkpoint_names_them(tmp_path, kept):
+    root = str(tmp_path / "store")
+    trial = types.SimpleNamespace(spec=types.SimpleNamespace(checkpoints_kept=kept), rank=0)
+    passes = loop.TargetPasses(trial, root)
+    (v80,) = _store_versions(root, 80)
+    passes.checkpointed(v80)  # the checkpoint at step 100 names pass 80
+    v120, v140, v160 = _store_versions(root, 120, 140, 160)  # three passes before the next evaluation
+    assert store.versions(root) == [v80, v120, v140, v160]  # a pass alone deletes nothing: step 100 still needs v80
+    passes.extras = store.SampleStore(root, v160, {"m": SampleMap(torch.uint8)})
+    passes.checkpointed(v160)  # the checkpoint at step 180: Ray keeps it and the one at 100
+    assert store.versions(root) == ([v80, v160] if kept else [v80, v120, v140, v160])
+    passes.checkpointed(v160)  # the one at 200: the checkpoint at 100 is gone, and v80 with it
+    assert store.versions(root) == ([v160] if kept else [v80, v120, v140, v160])
+    restored = loop.TargetPasses(trial, root)  # a restart from the checkpoint at 200, which a killed attempt outlived
+    (v220,) = _store_versions(root, 220)
+    restored.checkpointed(v160, prune=False)
+    restored.extras = None
+    restored.checkpointed(v160)  # the first checkpoint after the restart: the killed attempt's v220 goes
+    assert store.versions(root) == ([v160] if kept else [v80, v120, v140, v160, v220])
