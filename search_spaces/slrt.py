@@ -69,6 +69,9 @@ GRIDS = {
         {"superpixel_source": "store"},
         {"target_loss_normalisation": "selected"},
         {"lr_decay_staircase": False},
+        {"loss_reduction": "mean"},
+        {"pseudo_label_forward": "eval"},
+        {"portion_every": "source"},
     ],
 }
 

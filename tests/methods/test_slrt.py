@@ -66,6 +66,13 @@ def test_eq5_with_the_threshold_keeps_floor_p_n_pixels_of_each_class():
     assert labels.flatten().tolist() == [U, U, U, 0]
 
 
+def test_the_threshold_index_is_exact_where_p_times_n_is_an_integer():
+    # p = 0.35 (25% + 2 epochs of 5%) of 180 pixels is 63, but 0.35 * 180 is 62.999... in floating point
+    negative_log = torch.linspace(0.01, 1.8, 180)
+    lambdas = slrt.class_balance_lambdas(negative_log, torch.zeros(180, dtype=torch.long), 1, 0.25 + 2 * 0.05)
+    assert int((negative_log < lambdas[0]).sum()) == 63
+
+
 def test_saturated_confidences_keep_their_order_in_float32():
     # 8 pixels, all class 0, logit margins 20..27 nats: p = 0.25 must select the two most confident (27, 26)
     margins = torch.arange(20.0, 28.0)
