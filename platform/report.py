@@ -131,7 +131,7 @@ class Stat:
     def text(self, digits: int = 1) -> str:
         if not self.n:
             return "n/a"
-        out = f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+        out = f"{self.mean:.{digits}f}" + (f" ± {self.std:.{digits}f}" if self.n > 1 else "")  # no spread from one
         return out + (f" ({self.undefined} undefined)" if self.undefined else "")
 
 
