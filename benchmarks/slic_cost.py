@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         images = _frames(args.batch, (height, width), args.data_root)
         base = None
         for scale in scales:
-            seconds = _median_seconds(lambda: slrt.superpixels(images, size, scale=scale), args.repeats)
+            seconds = _median_seconds(lambda s=scale, n=size, x=images: slrt.superpixels(x, n, scale=s), args.repeats)
             base = base or seconds
             segments = round(height * width / size**2)
             print(f"| {width}×{height} | {size} | {scale} | {segments} | {seconds:.3f} | {seconds / base:.2f} |")
@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
 
         read = _median_seconds(read_and_place, max(args.repeats, 10))
     per_image = _median_seconds(lambda: slrt.superpixels(images[:1], 16), args.repeats)
-    print(f"\nsuperpixel_source='store' at {width}×{height}: SLIC {per_image:.3f} s per image once per epoch in the pass")
+    print(
+        f"\nsuperpixel_source='store' at {width}×{height}: SLIC {per_image:.3f} s per image once per epoch in the pass"
+    )
     print(f"  (the same call as in the step), then per step {read * 1000:.1f} ms to read and place {args.batch} maps")
 
 
