@@ -44,8 +44,8 @@ def _stop_own_ray(head: subprocess.Popen, temp_dir: str) -> None:
 
     children = descendants(head.pid)
     head.terminate()
-    try:
-        head.wait(timeout=60)
+    try:  # a graceful stop waits up to 30 s on busy workers: everything left is killed below anyway
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         head.kill()
     leftovers = {p.pid: p for p in children if p.is_running()}

@@ -19,6 +19,7 @@ import pytest
 
 from tests.platform.services import descendants, moto_server, wait_until
 from tests.platform.test_integration import metric_steps, runs_of
+from tests.platform.test_scale import _finished_children
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,9 @@ def s3(tmp_path):
 def _cluster(node_cpus: list[int]):
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # a lost node is declared dead after 2 missed health checks a second apart (Ray's default: 5, 3 s apart)
+    config = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": config})
     nodes = [cluster.add_node(num_cpus=cpus) for cpus in node_cpus]
     cluster.wait_for_nodes()
     return cluster, nodes
@@ -139,7 +142,7 @@ def test_a_lost_node_restarts_its_trial_on_the_other_node(tmp_path, subprocess_e
     env = {**subprocess_env, **s3[0]}
     cluster, nodes = _cluster([3, 3])
     database = tmp_path / "mlflow.db"
-    budget = 16
+    budget = 160  # long enough (about 10 s after the first report) that the kill lands mid-trial
     try:
         driver = _sweep(
             [
@@ -151,7 +154,7 @@ def test_a_lost_node_restarts_its_trial_on_the_other_node(tmp_path, subprocess_e
                 "--max-steps",
                 str(budget),
                 "--eval-every",
-                "4",
+                "20",
                 "--max-failures",
                 "2",
                 "--address",
@@ -176,6 +179,7 @@ def test_a_lost_node_restarts_its_trial_on_the_other_node(tmp_path, subprocess_e
         )
         assert driver.poll() is None, driver.stdout.read()[-3000:]
         victim = next(node for node in nodes if _running_on(node, "ImplicitFunc"))
+        assert _finished_children(database) == 0  # the kill lands while both trials still train
         cluster.remove_node(victim, allow_graceful=False)
         output, _ = driver.communicate(timeout=900)
     finally:
@@ -190,7 +194,7 @@ def test_a_lost_node_restarts_its_trial_on_the_other_node(tmp_path, subprocess_e
     assert len(restarted) == 1 and restarted[0].data.tags["uda.restarts"] == "1"  # the other trial: not affected
     for run in children:  # every trial reached its whole budget, the restarted one from its latest checkpoint
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_target/miou")]
-        assert steps[-1] == budget and sorted(set(steps)) == list(range(4, budget + 1, 4)), steps
+        assert steps[-1] == budget and sorted(set(steps)) == list(range(20, budget + 1, 20)), steps
     assert "Sweep lost-node: FINISHED. 2 trial(s) finished, 0 failed" in output
     report = subprocess.run(
         [sys.executable, "-m", "platform.report", "lost-node", "--tracking-uri", f"sqlite:///{database}"],
