@@ -540,7 +540,8 @@ class TargetPasses:
         self.checkpointed(progress.store_version, prune=False)  # the checkpoint restored from is still kept
         if not self.specs(stage) or progress.store_version is None:
             return True
-        if store.exists(self.store_root, progress.store_version):
+        found = torch.tensor([float(store.exists(self.store_root, progress.store_version))])
+        if distributed.all_reduce_sum(found).item() == self.trial.world_size:  # every rank, or none, runs the pass
             self.extras = store.SampleStore(self.store_root, progress.store_version, self.specs(stage))
             return True
         log.warning(
@@ -751,7 +752,11 @@ class Reporter:
         values = torch.stack(
             [torch.as_tensor(v, dtype=torch.float32).detach().reshape(()).cpu() for v in losses.values()]
         )
-        if not torch.isfinite(values).all():
+        local = not bool(torch.isfinite(values).all())
+        # every worker stops at the same step (one raising alone would leave the others in the next all-reduce)
+        if distributed.all_reduce_sum(torch.tensor([float(local)])).item() > 0:
+            if not local:
+                raise NonFiniteLossError(f"a loss of another worker became non-finite at step {step}; the trial stops")
             name, value = next((n, float(v)) for n, v in zip(losses, values) if not math.isfinite(float(v)))
             raise NonFiniteLossError(
                 f"train/{name} became {value} at step {step} (stage {stage.name!r}); the trial stops here"

@@ -580,3 +580,26 @@ def test_store_versions_live_as_long_as_a_kept_checkpoint_names_them(tmp_path, k
     restored.extras = None
     restored.checkpointed(v160)  # the first checkpoint after the restart: the killed attempt's v220 goes
     assert store.versions(root) == ([v160] if kept else [v80, v120, v140, v160, v220])
+
+
+def _finite_worker(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    losses = {"loss": torch.tensor(float("nan") if rank == 1 else 1.0)}
+    message = "no error"
+    try:
+        loop.Reporter.check_finite(None, losses, types.SimpleNamespace(name="s"), 7)
+    except loop.NonFiniteLossError as error:
+        message = str(error)
+    with open(f"{out}.{rank}", "w") as handle:
+        handle.write(message)
+    dist.barrier()  # both reach it: neither is left waiting in a collective the other skipped
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_a_non_finite_loss_on_one_worker_stops_every_worker_at_the_same_step(tmp_path):
+    out = str(tmp_path / "result")
+    mp.start_processes(_finite_worker, args=(str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    messages = [open(f"{out}.{rank}").read() for rank in range(2)]
+    assert messages[1] == "train/loss became nan at step 7 (stage 's'); the trial stops here"
+    assert messages[0] == "a loss of another worker became non-finite at step 7; the trial stops"
