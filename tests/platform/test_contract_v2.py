@@ -132,6 +132,7 @@ def _collect(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor | None
     out = {"count": torch.ones(len(images))}
     if ctx.hp.store_images:  # the pass stores each image itself (uint8, bilinear like the image)
         out["image"] = (images * 255).round().to(torch.uint8)
+        out["mark"] = torch.full((len(images), *images.shape[-2:]), 7, dtype=torch.uint8)  # nearest, fill 255
     return out
 
 
@@ -156,6 +157,10 @@ def _step(ctx: StepContext, batch: Batch) -> dict[str, torch.Tensor]:
         gap = (batch.target_extras["image"].float() / 255 - batch.target_image).abs().max()
         ctx.state["misalignment"] = max(ctx.state.get("misalignment", 0.0), float(gap))
         ctx.state["aligned_steps"] = ctx.state.get("aligned_steps", 0) + 1
+        mark, padded = batch.target_extras["mark"], (batch.target_image == 0).all(1)  # padding: 0 in every channel
+        wrong = int((mark != torch.where(padded, 255, 7)).sum())
+        ctx.state["mark_errors"] = ctx.state.get("mark_errors", 0) + wrong
+        ctx.state["padded_pixels"] = ctx.state.get("padded_pixels", 0) + int(padded.sum())
     share = ctx.all_reduce_mean(loss.detach()) if ctx.hp.reduce_state else loss.detach()  # item 5
     ctx.state["lam"] = torch.maximum(ctx.state.get("lam", torch.tensor(0.0)), 0.5 * share)
     return {"loss": loss.detach(), "other": loss.detach() * 2}
@@ -176,7 +181,12 @@ def _stages(hp: Hyperparams) -> tuple[Stage, ...]:
         "stage_start",
         _collect,
         _update,
-        store={"image": SampleMap(torch.uint8, "bilinear", fill=0, channels=3)} if hp.store_images else {},
+        store={
+            "image": SampleMap(torch.uint8, "bilinear", fill=0, channels=3),
+            "mark": SampleMap(torch.uint8, "nearest", fill=255),
+        }
+        if hp.store_images
+        else {},
     )
     stages: list[Stage] = []
     for _ in range(hp.rounds):
@@ -303,6 +313,7 @@ def test_stored_maps_come_back_aligned_with_every_augmented_crop(probe_root, tmp
     state = runner.state
     assert state["pass_rows"] == 40 and state["passes"] == 1  # gathered over the whole target set
     assert state["aligned_steps"] == 3 and state["misalignment"] == 0.0  # exact: same uint8 resize, crop, flip
+    assert state["padded_pixels"] > 0 and state["mark_errors"] == 0  # a nearest map: its fill exactly on the padding
     versions = store.versions(str(tmp_path / "store"))
     assert len(versions) == 1 and versions[0].startswith("pass-00000000-0")
     kept = os.listdir(tmp_path / "store" / versions[0])
