@@ -798,12 +798,7 @@ class Reporter:
             {f"hp/{name}": float(getattr(self.trial.hp, name)) for name in self.trial.spec.tracked_hyperparams}
         )
         self.evaluations.append(metrics)
-        with tempfile.TemporaryDirectory(prefix="uda-ckpt-") as directory:
-            checkpoint_dir = None
-            if self.session.rank == 0:
-                checkpoints.save_training_state(directory, training_state)
-                checkpoint_dir = directory
-            self.session.report(metrics, checkpoint_dir)
+        # MLflow first: Tune may stop the trial inside `report` (ASHA, PBT's exploit), and what follows never runs
         if self.logger is not None:
             self.logger.log_metrics(logged, step)
             meta = self._checkpoint_meta(position, metrics, step)
@@ -815,6 +810,12 @@ class Reporter:
                 self.logger.log_images(own, step)
             if PREDICTIONS in samples and hasattr(self.logger, "log_predictions"):
                 self.logger.log_predictions(samples[PREDICTIONS].numpy(), step)
+        with tempfile.TemporaryDirectory(prefix="uda-ckpt-") as directory:
+            checkpoint_dir = None
+            if self.session.rank == 0:
+                checkpoints.save_training_state(directory, training_state)
+                checkpoint_dir = directory
+            self.session.report(metrics, checkpoint_dir)
 
     def _checkpoint_meta(self, position: StagePosition, metrics: Mapping[str, float], step: int) -> dict[str, Any]:
         trial = self.trial

@@ -169,3 +169,33 @@ def test_a_perturbed_learning_rate_reaches_the_restored_optimisers(data_root, tm
     assert seen[0] == pytest.approx([0.02 * factor, 0.2 * factor])
     assert logger.tags == {"uda.pbt.exploit.step-00000003": "donor"}  # whose checkpoint it took, and when
     assert restored[-1] == (6, {"hp/learning_rate": 0.02})
+
+
+def test_mlflow_gets_an_evaluation_even_when_tune_stops_the_trial_at_its_report(data_root):
+    """ASHA's stop and PBT's exploit end the trial inside `report`: that evaluation's metrics and checkpoint must
+    already be in MLflow (before, exploited trials' runs missed the evaluations at which they were exploited)."""
+
+    class Stopped(Exception):
+        pass
+
+    class StoppingSession(LocalSession):
+        def report(self, metrics, checkpoint_dir=None):
+            super().report(metrics, checkpoint_dir)
+            if metrics["step"] == 3:
+                raise Stopped
+
+    logged = []
+
+    class Logger:
+        def log_metrics(self, metrics, step):
+            logged.append(("metrics", step, "val_target/miou" in metrics))
+
+        def log_checkpoint(self, kind, modules, meta):
+            logged.append((kind, meta["step"]))
+
+        def log_images(self, images, step):
+            pass
+
+    with pytest.raises(Stopped):
+        TrialRunner(spec(data_root), StoppingSession(), Logger()).run()
+    assert ("metrics", 3, True) in logged and (checkpoints.LAST, 3) in logged
