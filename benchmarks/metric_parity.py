@@ -72,9 +72,9 @@ def cli_metrics(method: str, runner: str) -> dict[str, float]:
         return {k: v for k, v in runs[0].data.metrics.items() if k.startswith("val_target/")}
 
 
-def measure(cli: bool) -> dict[str, dict[str, float]]:
+def measure(cli: bool, only: set[str] | None = None) -> dict[str, dict[str, float]]:
     results = {}
-    for name in sorted(methods.REGISTRY):
+    for name in sorted(only or methods.REGISTRY):
         results[f"{name}/loop"] = loop_metrics(name)
         print(f"{name}/loop: miou {results[f'{name}/loop']['val_target/miou']:.6f}", flush=True)
         if cli:
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("record", "compare"))
     parser.add_argument("path")
     parser.add_argument("--cli", action="store_true", help="also through `python -m platform.train`, both runners")
-    parser.add_argument("--only", help="comma-separated methods to compare (default: all recorded)")
+    parser.add_argument("--only", help="comma-separated methods to run and compare (default: all)")
     args = parser.parse_args(argv)
-    measured = measure(args.cli)
+    only = set(args.only.split(",")) if args.only else None
+    measured = measure(args.cli, only)
     if args.action == "record":
         with open(args.path, "w") as handle:
             json.dump(measured, handle, indent=2, sort_keys=True)
@@ -104,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with open(args.path) as handle:
         recorded = json.load(handle)
-    only = set(args.only.split(",")) if args.only else None
     differences = 0
     for run, before in sorted(recorded.items()):
         if only and run.split("/")[0] not in only or run not in measured:
