@@ -64,7 +64,9 @@ def ray_head(subprocess_env):
     """A head node of its own (temp dir, free ports, dashboard on loopback, Ray's token auth as Ray sets it up),
     started with `ray start --head --block` and stopped afterwards by stopping exactly its processes."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dashboard, client = _free_ports(3)
+    # free ports for everything the head binds, so that another Ray cluster on this machine (a user's, another test
+    # run's) cannot take them: the dashboard agent's default 52365 taken means no job can ever be submitted
+    gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(7)
     env = dict(subprocess_env)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # `python` = this venv
     env["RAY_AUTH_MODE"] = "token"
@@ -86,6 +88,14 @@ def ray_head(subprocess_env):
         "true",
         "--ray-client-server-port",
         str(client),
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--metrics-export-port",
+        str(metrics),
         "--num-cpus",
         "3",
         "--temp-dir",
