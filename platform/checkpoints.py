@@ -28,6 +28,7 @@ from platform import tasks
 TRAINING_STATE = "training_state.pt"
 LAST = "last"
 BEST = "best_val_target_miou"
+KEPT = 2  # resume checkpoints Ray Train and Tune keep per trial (every one under PBT: platform/cli.py)
 ARTIFACT_DIR = "checkpoints"
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from platform import cluster, config, preflight, tasks, tracking
+from platform import checkpoints, cluster, config, preflight, tasks, tracking
 from platform.config import Resolved, Sweep, UsageError
 from platform.datasets import DatasetNotFoundError, resolve_root
 from platform.loop import PRIMARY_METRIC
@@ -690,7 +690,7 @@ def _parent_reason(status: str, results: Any) -> str:
 
 def _checkpoints_kept(plan: Plan) -> int | None:
     """Checkpoints kept per trial: the latest two (resume, retries), every one under PBT (an exploit may take any)."""
-    return None if plan.scheduler == "pbt" else 2
+    return None if plan.scheduler == "pbt" else checkpoints.KEPT
 
 
 def _sweep_settings(plan: Plan) -> dict[str, Any]:

@@ -28,8 +28,8 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from platform import checkpoints, tasks
 from platform import config as config_module
-from platform import tasks
 from platform.datasets import resolve_root
 from platform.loop import TrialRunner, TrialSpec
 from platform.tracking import TrialLogger
@@ -104,7 +104,7 @@ def trainer_for_spec(
             name=name,
             storage_path=storage_path,
             callbacks=list(callbacks),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoints.KEPT),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),

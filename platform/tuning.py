@@ -39,6 +39,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 from ray.tune.search import Searcher
 
+from platform import checkpoints
 from platform.config import INLINE, TRAIN, Sweep
 from platform.loop import PRIMARY_METRIC, TrialRunner, TrialSpec
 from platform.report import is_defaults
@@ -76,7 +77,9 @@ class TrialTemplate:
     slots: str = ""  # the named SlotKeeper actor that caps running trials (resumed sweeps), or "" for none
     tracked: tuple[str, ...] = ()  # hyperparameters logged as hp/<name> at every evaluation (PBT's perturbable ones)
     precision: str = "fp32"  # --precision: fp32 | bf16 | fp16 (loop.TrialSpec.precision)
-    checkpoints_kept: int | None = 2  # Tune's CheckpointConfig.num_to_keep (None under PBT; loop.TrialSpec)
+    checkpoints_kept: int | None = (
+        checkpoints.KEPT
+    )  # Tune's CheckpointConfig.num_to_keep (None under PBT; loop.TrialSpec)
 
 
 @ray.remote(num_cpus=0)
