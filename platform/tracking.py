@@ -163,8 +163,9 @@ class Tracker:
         name: str,
         params: Mapping[str, Any],
         tags: Mapping[str, str],
-    ) -> str:
-        """The trial's child run; on resume (same trial id under the same parent) the existing run is reused."""
+    ) -> tuple[str, bool]:
+        """The trial's child run and whether it existed: when Tune starts a trial again (same trial id under the same
+        parent: a retry, a resumed sweep, PBT's exploit) its existing run is reused."""
         existing = self.client.search_runs(
             [experiment_id],
             f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
@@ -176,12 +177,12 @@ class Tracker:
                 if tag in existing[0].data.tags:
                     self.client.delete_tag(run_id, tag)
             self.client.update_run(run_id, status="RUNNING")
-            return run_id
+            return run_id, True
         run = self.client.create_run(
             experiment_id, run_name=name, tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, **tags}
         )
         self._log_params(run.info.run_id, params)
-        return run.info.run_id
+        return run.info.run_id, False
 
     def log_datasets(
         self, run_id: str, fingerprints: Mapping[str, str], data_root: str, contexts: Mapping[str, str]

@@ -224,7 +224,7 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
     tags = tags_for(template.method, template.task, seed, template.code_version, template.fingerprints)
     defaults = is_defaults(config["hp"], {**template.defaults, **template.base})
     tags.update({DEFAULTS_TAG: str(defaults).lower(), SWEPT_TAG: json.dumps(config["hp"], default=str)})
-    run_id = tracker.start_trial(
+    run_id, started_before = tracker.start_trial(
         template.experiment_id,
         template.parent_run_id,
         trial_id,
@@ -233,9 +233,10 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
         {**tags, "uda.sweep": template.sweep_name},
     )
     tracker.log_datasets(run_id, template.fingerprints, template.data_root, dataset_contexts(template.task))
-    if template.runner == INLINE and tune.get_checkpoint() is not None:
-        # Tune restarts this trial from a checkpoint: a retry (--max-failures: a lost node, a killed process), a
-        # resumed sweep or PBT's exploit; the run records how many times
+    if started_before:
+        # Tune starts this trial again (from its latest checkpoint if it has one, else from scratch): a retry
+        # (--max-failures: a lost node, a killed process), a resumed sweep or PBT's exploit; the run records how many
+        # times
         restarts = int(tracker.client.get_run(run_id).data.tags.get(RESTARTS_TAG, "0")) + 1
         tracker.client.set_tag(run_id, RESTARTS_TAG, str(restarts))
     spec = TrialSpec(

@@ -138,11 +138,11 @@ def test_data_parallel_workers_on_two_nodes_train_like_on_one(tmp_path, subproce
 
 
 def test_a_lost_node_restarts_its_trial_on_the_other_node(tmp_path, subprocess_env, s3, data_root):
-    """Two trials, one per node (two CPUs each on three-CPU nodes); the node of the first trial to report is killed."""
+    """Two trials, one per node (two CPUs each on three-CPU nodes); one node is killed once both trials have a checkpoint."""
     env = {**subprocess_env, **s3[0]}
     cluster, nodes = _cluster([3, 3])
     database = tmp_path / "mlflow.db"
-    budget = 160  # long enough (about 10 s after the first report) that the kill lands mid-trial
+    budget = 160  # long enough (about 8 s after the second report) that the kill lands mid-trial
     try:
         driver = _sweep(
             [
@@ -171,9 +171,11 @@ def test_a_lost_node_restarts_its_trial_on_the_other_node(tmp_path, subprocess_e
             tmp_path,
             env,
         )
+        # MLflow gets a report's metrics before Tune gets its checkpoint, so a trial's step-40 metrics say its
+        # step-20 checkpoint is in the bucket: the kill waits for both trials' second report
         wait_until(
-            lambda: metric_steps(database, "val_target/miou") or driver.poll() is not None,
-            "a first report",
+            lambda: metric_steps(database, "val_target/miou").count(40) == 2 or driver.poll() is not None,
+            "both trials' second report",
             timeout_s=600,
             pause_s=0.25,
         )
@@ -192,9 +194,10 @@ def test_a_lost_node_restarts_its_trial_on_the_other_node(tmp_path, subprocess_e
     assert all(r.info.status == "FINISHED" for r in children)
     restarted = [r for r in children if r.data.tags.get("uda.restarts")]
     assert len(restarted) == 1 and restarted[0].data.tags["uda.restarts"] == "1"  # the other trial: not affected
-    for run in children:  # every trial reached its whole budget, the restarted one from its latest checkpoint
+    for run in children:  # every trial reached its whole budget, the restarted one from a checkpoint (not from step 0)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_target/miou")]
         assert steps[-1] == budget and sorted(set(steps)) == list(range(20, budget + 1, 20)), steps
+        assert steps.count(20) == 1, steps
     assert "Sweep lost-node: FINISHED. 2 trial(s) finished, 0 failed" in output
     report = subprocess.run(
         [sys.executable, "-m", "platform.report", "lost-node", "--tracking-uri", f"sqlite:///{database}"],
