@@ -485,9 +485,15 @@ def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_head, tmp_path, data_ro
         stderr=subprocess.DEVNULL,
     )
     try:
+        # Tune saves its experiment state every few seconds: killed before the first save, a sweep cannot be
+        # restored and --resume starts it again from scratch
+        saved = tmp_path / "results" / "capped"
         wait_until(
-            lambda: bool(metric_steps(database, "val_target/miou")) or driver.poll() is not None,
-            "the first trial's first report",
+            lambda: (
+                (bool(metric_steps(database, "val_target/miou")) and any(saved.glob("experiment_state*.json")))
+                or driver.poll() is not None
+            ),
+            "the first trial's first report and Tune's saved experiment state",
             timeout_s=480,
             pause_s=0.5,
         )
