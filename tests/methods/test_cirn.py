@@ -15,7 +15,7 @@ import methods
 import search_spaces
 from methods import cirn
 from methods.contract import Batch, SampleImages, StagePosition, StepContext, TaskInfo
-from methods.shared.segmenter import imagenet_normalise
+from methods.shared.segmenter import Features, imagenet_normalise
 
 INFO = TaskInfo(num_classes=3, in_channels=3, class_names=("road", "car", "sky"))
 SIZE = (32, 64)  # divisible by 4 (G) and by 32 (the output-space D)
@@ -609,6 +609,21 @@ def test_the_acm_classifier_is_copied_from_c_when_stage_2_starts():
         assert state["pool_s"] == [] and state["pool_t"] == []  # stage 1's pools are freed
 
 
+def test_build_makes_k_attention_modules_and_the_acm_sums_k_modulated_classifications():
+    """Table 3's axis: `K` attention modules from `build`, and ACM(f) = Σ_k Cls((1 + a_k)⊙f) over exactly those."""
+    for k in range(4):
+        assert len(_build(_hp(K=k))["acm"].attention) == k
+    acm = _build(_hp(K=3))["acm"]
+    with torch.no_grad():
+        for module in acm.attention:  # distinct maps, so that a module counted twice or skipped changes the sum
+            module.conv.weight.normal_()
+    features = Features(main=torch.randn(2, acm.attention[0].conv.in_channels, 5, 6))
+    maps = [module(features.main) for module in acm.attention]  # each module by hand: test_attention_module_*
+    assert all(not torch.equal(maps[0], a) for a in maps[1:])
+    expected = sum(acm.classifier(features._replace(main=features.main * (1 + a))) for a in maps)
+    torch.testing.assert_close(acm(features), expected)
+
+
 def test_with_k_0_copied_classifiers_stay_identical_and_r_stays_zero():
     """Choice 7: K = 0 with `acm_init=copy` and Eq. 6 on the sum keeps ACM ≡ C (R ≡ 0); independent draws do not."""
     for init in ("copy", "independent"):
@@ -909,6 +924,7 @@ def test_predict_follows_the_stage_and_samples_show_the_cir():
 
 def test_registered_with_a_search_space_that_fits():
     assert methods.get("cirn") is cirn.METHOD
+    assert cirn.METHOD.imagenet_backbone  # "pretrained on ImageNet": a paper task refuses random weights silently
     space = search_spaces.load("cirn")
     assert space.default_task == "synthetic-urban" and not space.max_steps  # absolute stage budgets
     defaults = space.task_defaults["synthetic-urban"]
