@@ -13,7 +13,8 @@ What runs, as printed:
   below; L_TD = Eq. 5 + λ_s L_b^s + λ_t L_b^t; after each generator update λ ← max(λ, γ·L_b) (Sec. 3.3), L_b
   averaged over data-parallel workers first (`ctx.all_reduce_mean`) so that every rank keeps the same λ.
 - **TF** (Sec. 3.4): S = `segmenter` (DeepLab-v3, ResNet-101, last two strides 1; Sec. 3.5), D_F =
-  `feature_discriminator` (five 4x4 convolutions {16, 32, 64, 64, 1}, LeakyReLU 0.2, final sigmoid; Sec. 3.5), A_F =
+  `feature_discriminator` ("5 fully convolutional layers with channel number as {16, 32, 64, 64, 1}", LeakyReLU 0.2,
+  final sigmoid; Sec. 3.5; kernel and stride are not printed: reading 20), A_F =
   `augmentor` with `num_ra2b` RA2B blocks (Eq. 8-10, δ initialised at 0). Step I (Eq. 11): S on translated sources
   x̂_s = T_D(x_s) with their labels plus target pixels whose max probability is ≥ β = 0.9, labelled with their
   argmax. Step II (Eq. 12): S fixed; D_F tells S's features (real) from A_F's (fake), A_F learns to fool it. Step
@@ -60,10 +61,13 @@ Readings of what is printed ambiguously or wrongly (fixed choices):
    of the two domains' batch means (their images may differ in size). Within a step the generator side updates
    first, then the discriminator on the detached features of the same forward pass (CycleGAN's order).
 9. Step III has no segmentation term (Eq. 13 only): S's encoder learns from D_F, its head is untouched.
-10. Eq. 8 prints M_ij = exp(e_ij) / Σ_i exp(e_ij) and (F_p)_i = Σ_j M_ij C3_j, which do not agree, while the text
-    says F_p is "an average weighted feature map": read as DANet's position attention (Fu et al. 2019), e_ij =
-    ⟨C1_i, C2_j⟩, M normalised over j, F_p,i = Σ_j M_ij C3_j (each output a convex combination; C1 is the query,
-    as Eq. 9 uses it). No 1/√C scaling; C1, C2, C3 keep C channels ("C1, C2, C3 ∈ R^{H×W×C}"), 1x1 convolutions.
+10. Eq. 8 prints M_ij = exp(e_ij) / Σ_i exp(e_ij) (normalised over i) and, in words, "matrix multiplication
+    between the transpose of M and reshaped C3". Taken together these are consistent, with C2 as the query and C1
+    as the key; the printed summation F_p,i = Σ_j M_ij C3_j is what does not agree with the normalisation. Read as
+    DANet's position attention (Fu et al. 2019, the code convention Attention-on-Attention builds on), e_ij =
+    ⟨C1_i, C2_j⟩, M normalised over j, F_p,i = Σ_j M_ij C3_j: each output a convex combination, as the text's
+    "average weighted feature map" says, with C1 the query, which Eq. 9 shares with the attention (the printed
+    alternative would make C2 the query). No 1/√C scaling; C1, C2, C3 keep C channels ("C1, C2, C3 ∈ R^{H×W×C}"), 1x1 convolutions.
 11. Step I (Eq. 11): ŷ_t and M_v come from the same forward pass that gets the loss (ŷ_t = argmax S(x_t; θ_S),
     detached; β compared with ≥, as printed). Each term is the mean cross-entropy over its labelled pixels (ignored
     pixels: 255), the convention of BDL/CBST's ignore-label losses; the printed per-image sums over all pixels
@@ -88,8 +92,10 @@ Not printed, decided (each a field with its reason):
     settings (its adversary; Volpi et al. use one rate for both).
 17. Budgets: TD 10 + 5 epochs of the source set per round (an epoch of CycleGAN's unaligned data is
     max(|source|, |target|) images, the source set in every task here). TF's length is not printed: as many epochs
-    as TD, split I : II : III = 2 : 1 : 1 (`tf_*_epochs`), so that S gets as many supervised updates (Step I) as
-    adversarial ones (Step III).
+    as TD on the paper tasks, split I : II : III = 2 : 1 : 1 (`tf_*_epochs`: 7.5, 3.75, 3.75), so that S gets
+    twice as many supervised updates (Step I) as adversarial ones (Step III), and A_F (Step II) as many as S's
+    adversarial ones. The synthetic task's budgets (search_spaces/tdtf.py) are smaller and give TF 1.0 epoch against
+    TD's 1.5: a CPU budget, chosen so that three rounds fit in minutes, not a reading of the paper.
 18. `optimizer_scope` (how long optimisers and schedules live; contract v2 `Stage.optimizer_scope`): "round"
     (default): each TD round restarts the printed 10 + 5 epoch schedule (the printed schedule is that of one
     TD training) and Steps I-III of a round share one S optimiser with one poly schedule, one D_F and one A_F
@@ -100,6 +106,13 @@ Not printed, decided (each a field with its reason):
     image. Default: batch 2 per worker, backbone batch norm frozen at its ImageNet statistics
     (`freeze_batchnorm=True` freezes the encoder's only), head batch norm live. The DeepLab-v3 source-only baseline
     must run the same way (`source_only --set architecture=deeplabv3_resnet101 learning_rate=2e-4 batch_size=2`).
+20. D_F's kernel size and stride are not printed ("5 fully convolutional layers", channels and activations only):
+    4x4 convolutions with stride 2 as in the output-space discriminators of the same family (AdaptSegNet, CLAN), on
+    S's stride-8 features (`feature_discriminator_downsampling` says how many of them downsample).
+21. Where P is computed in TD (A8e): Eq. 6 weights E(x_s)'s KL by P "from input source feature F_s", so P is
+    D_F on S's features of the raw x_s (and x_t for the target term), with S and D_F frozen; D_F itself is trained
+    on S(T_D(x_s)) and S(x_t) (Steps II-III), so on raw source images it sees inputs a little outside what it
+    was trained on (the printed expectation is over x_s ∈ X_s).
 
 Open choices (hyperparameters, the first value is the default; grid `open_choices` compares them):
 
@@ -111,10 +124,11 @@ Open choices (hyperparameters, the first value is the default; grid `open_choice
   reduction without w, the number compared with T.
 - `multiplier_update`: "max" (printed), "dual_ascent" (VDB).
 - `residual_transferability`: True (w = 1 + P), False (w = P).
-- `transferability_source` (A8; "P ... is from D_F in Step III rather than Step II"): "step3" keeps a frozen copy of
-  D_F (`feature_discriminator_p`) taken when a TD stage or a Step II starts after a Step III has run, so that P in
-  TD, Step II and Step III always comes from D_F as the last Step III left it (Step II retrains D_F with Step II's
-  labels); "current" uses the live D_F everywhere.
+- `transferability_source` (A8; "P ... is from D_F in Step III rather than Step II"): "step3" gives P in Step III
+  from the live D_F that Step III trains (from its second step on: before any Step III has trained D_F, w ≡ 1), and
+  in TD and Step II from a frozen copy of D_F (`feature_discriminator_p`) taken when a TD stage or a Step II starts
+  after a Step III has run, i.e. D_F as the last Step III left it (Step II retrains D_F with Step II's labels);
+  "current" uses the live D_F everywhere, Step II's included.
 - `pseudo_label_source` (A15): "online" (Eq. 11 literally, labels from S in the same step); "round": labels made
   once per round by a pass over the whole target set at the start of Step I (BDL's per-round practice, which Fig.
   5b/8's "generated along the alternative iteration number" suggests), kept per image by the platform and aligned
@@ -667,6 +681,8 @@ def _p_discriminator(ctx: StepContext) -> nn.Module | None:
     if not hp.quantified_transferability:
         return None
     if hp.transferability_source == "step3":
+        if ctx.stage == "tf_align":  # Step III: D_F as it trains there ("from D_F in Step III")
+            return ctx.modules["feature_discriminator"] if state.get("step3_done") else None
         return ctx.modules["feature_discriminator_p"] if state.get("transferability_ready") else None
     return ctx.modules["feature_discriminator"] if state.get("step3_done") else None
 

@@ -599,19 +599,27 @@ def test_td_step_values_with_known_discriminator_outputs_and_cycles(monkeypatch)
 
 
 def test_td_step_multipliers_follow_the_printed_update_over_all_workers(monkeypatch):
+    """λ_s ← max(λ_s, γ L_b^s), λ_t ← max(λ_t, γ L_b^t): T = 0 makes both constraints positive and distinct, so
+    that the update takes them (a max against a negative constraint passes whatever the code does), each for its
+    own domain, after the generators' step used the old multipliers."""
     _zero_noise(monkeypatch)
-    ctx, _ = _context("td", gamma=1e-3)
+    ctx, _ = _context("td", gamma=1e-2, T=0.0)
     batch = _batch()
-    _, _, _, constraints = _td_generator_loss(ctx, batch, 10.0, 1e-4, 1e-4, False)
+    total, _, _, constraints = _td_generator_loss(ctx, batch, 10.0, 1e-4, 1e-4, False)
+    expected = [max(1e-4, 1e-2 * c.item()) for c in constraints]
+    assert min(expected) > 1e-4 and abs(expected[0] - expected[1]) > 1e-3 * max(expected)  # taken, distinct
     metrics = tdtf.td_step(ctx, batch)
-    for domain, constraint in zip("st", constraints):
-        assert ctx.state[f"lambda_{domain}"] == pytest.approx(max(1e-4, 1e-3 * constraint.item()), rel=1e-5)
-        assert metrics[f"lambda_{domain}"].item() == pytest.approx(ctx.state[f"lambda_{domain}"], rel=1e-6)
-    reduced = []
-    ctx, _ = _context("td", gamma=1e-6)
-    ctx.all_reduce_mean = lambda t: reduced.append(t) or torch.full_like(t, 5000.0)  # the workers' mean L_b
+    assert metrics["loss_g"].item() == pytest.approx(total.item(), rel=1e-5)  # Eq. 7 with the multipliers before
+    for domain, value in zip("st", expected):
+        assert ctx.state[f"lambda_{domain}"] == pytest.approx(value, rel=1e-5)
+        assert metrics[f"lambda_{domain}"].item() == pytest.approx(value, rel=1e-5)
+    # over workers: each domain's update takes that domain's all-reduced mean L_b
+    reduced, means = [], iter([5000.0, 7000.0])
+    ctx, _ = _context("td", gamma=1e-6, T=0.0)
+    ctx.all_reduce_mean = lambda t: reduced.append(t.detach().clone()) or torch.full_like(t, next(means))
     tdtf.td_step(ctx, batch)
-    assert len(reduced) == 2 and ctx.state["lambda_s"] == ctx.state["lambda_t"] == pytest.approx(5e-3)
+    assert [r.item() for r in reduced] == pytest.approx([c.item() for c in constraints], rel=1e-5)
+    assert (ctx.state["lambda_s"], ctx.state["lambda_t"]) == pytest.approx((5e-3, 7e-3))
 
 
 def test_td_noise_enters_training_and_not_the_frozen_translation():
@@ -707,12 +715,12 @@ def _levels(ctx, batch):
     return out
 
 
-def _augmented_by_hand(ctx, levels, transferable: bool):
+def _augmented_by_hand(ctx, levels, transferable: bool, p_from: str = "feature_discriminator_p"):
     a = ctx.modules["augmentor"]
     out = []
     for low, main in levels:
         noise = torch.zeros(main.shape[0], ctx.hp.augmentor_noise_channels, *main.shape[-2:])
-        w = _p_by_hand(ctx.modules["feature_discriminator_p"], main.detach(), main.shape[-2:]) if transferable else None
+        w = _p_by_hand(ctx.modules[p_from], main.detach(), main.shape[-2:]) if transferable else None
         out.append(a(low.detach(), main.detach(), noise, w))
     return out
 
@@ -765,9 +773,11 @@ def test_step3_segmenter_and_feature_discriminator_follow_eq13(monkeypatch, role
     _snapshot_differs(ctx)
     batch = _batch()
     d = ctx.modules["feature_discriminator"]
+    with torch.no_grad():  # the live D_F's P spread over [0, 1] too, so that P from the copy would show
+        d.model[-1].weight.mul_(100.0)
     levels = _levels(ctx, batch)
-    with torch.no_grad():
-        augmented = _augmented_by_hand(ctx, levels, True)
+    with torch.no_grad():  # P in Step III from the D_F that Step III trains
+        augmented = _augmented_by_hand(ctx, levels, True, p_from="feature_discriminator")
     (_, f_s), (_, f_t) = levels
     if role == "augmentation":  # S: both domains' features → "augmented" (1)
         loss_s = 0.5 * (bce_logits(d(f_s), 1.0) + bce_logits(d(f_t), 1.0))
@@ -843,6 +853,11 @@ def test_on_start_snapshots_the_step3_discriminator():
     with torch.no_grad():
         live.model[0].weight.add_(1.0)  # Step II retrains D_F: P keeps coming from the Step III copy
     assert not torch.equal(live.model[0].weight, snapshot.model[0].weight)
+    assert tdtf._p_discriminator(ctx) is snapshot
+    ctx.stage = "tf_align"  # in Step III itself P comes from the D_F that Step III trains
+    assert tdtf._p_discriminator(ctx) is live
+    ctx.state["step3_done"] = False  # ... once a Step III step has trained it
+    assert tdtf._p_discriminator(ctx) is None
     current, _ = _context("tf_augment", transferability_source="current")
     assert "feature_discriminator_p" not in current.modules and tdtf._p_discriminator(current) is None
     current.state["step3_done"] = True
