@@ -12,8 +12,8 @@ Three stages (Fig. 2), plus the source model that stage 1's semantic loss needs:
    whose gradient reaches G through the frozen S. Adam 2e-4, betas (0.5, 0.999).
 2. `adapt` (Eq. 6-8): the CIR images x_i = G(x_s) are translated on the fly by the frozen G in every step (the
    paper translates the source set once, "X_I consists of G(x_s)"; the same images up to the order of the task's
-   resize/flip and the translation, with no dataset to store). Encoder E and classifier C (DeepLab-v2 ResNet-101,
-   C its ASPP), the ACM (K attention modules around a second classifier, whose weights are copied from C when the
+   resize/flip and the translation, with no dataset to store). Encoder E and classifier C (DeepLab-v2 ResNet-101
+   "pretrained on ImageNet": a paper task needs `--set backbone_weights=...`, `Method.imagenet_backbone`; C its ASPP), the ACM (K attention modules around a second classifier, whose weights are copied from C when the
    stage starts), L_seg on softmax(z_C + z_ACM) (Eq. 6), the pixel-weighted adversarial loss with weights
    λ_cos·R + ε, R the cosine distance of C's and ACM's softmax maps on target pixels (Eq. 7), CLAN's weight
    discrepancy loss, and the five-convolution output-space D. Segmenter: SGD 2.5e-4, momentum 0.9, weight decay
@@ -22,8 +22,9 @@ Three stages (Fig. 2), plus the source model that stage 1's semantic loss needs:
 
 Table 4 switches: `use_cir=False` drops stages 0-1 (stage 2 on raw source images); `adaptation=False` makes stage 2
 plain supervised training of E + C (no ACM, no D, no target images: the SO and CIR rows); `self_training=False`
-drops stage 3. SO = all three off; CIR+ASS+ST = the defaults. `K` = 0 makes the ACM a plain second classifier, the
-CLAN setting of Table 3.
+drops stage 3. SO = all three off; CIR+ASS+ST = the defaults. `K` = 0 makes the ACM a plain second classifier
+("ACM will degenerate to a normal classifier", Table 3); with the default `acm_init="copy"` that classifier stays a
+copy of C (choice 7), so K = 0 is then not CLAN's setting: `acm_init="independent"` is.
 
 Stage reuse across trials (WeightsFile fields; the platform checks the files before any trial starts, and module
 keys do not depend on them, so every checkpoint rebuilds with the fields cleared):
@@ -66,7 +67,10 @@ Choices the paper leaves open or prints ambiguously (each a hyperparameter where
 6. The ACM (Figure 3 is not in the text). Attention module k, as in SEAN (Xu et al. 2019, cited; two of its
    authors are CIRN's): a_k = σ(Up(Conv1x1_k(AvgPool_3x3,s2(f)))) with a bias-free 1x1 convolution to one channel
    (computed before the bilinear upsampling, with which it commutes); f_k = (1 + a_k)⊙f (`acm_attention=
-   "residual"`, SEAN's) or a_k⊙f ("multiply"); ACM(f) = Σ_k Cls(f_k) with ONE classifier shared by the modules
+   "residual"`, SEAN's) or a_k⊙f ("multiply"). The paper's one sentence on it, "The attention map ranges from
+   [0, 1], thereby playing the role of controlling features for input", fits both: "multiply" gates features
+   (can suppress them), "residual" only amplifies (multiplier in [1, 2]); the default follows SEAN (above), and
+   "multiply" is in the open-choices grid; ACM(f) = Σ_k Cls(f_k) with ONE classifier shared by the modules
    ("the classifier in ACM", singular, is the one the weight discrepancy loss compares with C); K = 0 gives
    ACM(f) = Cls(f). The ACM's parameters train at the head's 10x learning rate, like CLAN's second classifier.
 7. "C and the classifier in ACM are copies of the last classification module": `acm_init="copy"` (default)
@@ -169,7 +173,7 @@ class Hyperparams(SegmenterRecipe):
     use_cir: bool = True  # Table 4 "CIR": stage 1 (translation); False: stage 2 on raw source images
     adaptation: bool = True  # Table 4 "ASS": ACM, D and Eq. 7; False: stage 2 is CE of E + C only
     self_training: bool = True  # Table 4 "ST": stage 3
-    K: int = 2  # attention modules in the ACM (Impl. details, Table 3); 0: a plain second classifier (CLAN)
+    K: int = 2  # attention modules in the ACM (Impl. details, Table 3); 0: a plain second classifier (choice 7)
     # Stage 1, Eq. 1-5
     lambda_sem: float = 1.0  # weight of L_sem, Eq. 5 (printed 1); 0: plain CycleGAN, no stage 0
     lambda_cyc: float = 10.0  # weight of L_cyc; Eq. 5 prints 1, CycleGAN's objective has 10 (choice 3)
@@ -1048,4 +1052,5 @@ METHOD = Method(
     tasks=("synthetic-urban", "gta5-cityscapes", "synthia-cityscapes"),
     init_state=init_state,
     samples=samples,
+    imagenet_backbone=True,  # "ResNet-101 ... pretrained on ImageNet" (Implementation details)
 )
