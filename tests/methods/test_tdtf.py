@@ -458,11 +458,11 @@ def _zero_noise(monkeypatch):
     monkeypatch.setattr(tdtf, "standard_normal", lambda ctx, shape: torch.zeros(*shape))
 
 
-def _p_by_hand(discriminator, features: torch.Tensor, size) -> torch.Tensor:
-    """1 + P per position (Eq. 1, bits, residual) resized to `size`."""
+def _p_by_hand(discriminator, features: torch.Tensor, size, residual: bool = True) -> torch.Tensor:
+    """w = 1 + P (residual) or P per position (Eq. 1, bits) resized to `size`."""
     q = torch.sigmoid(discriminator(features))
     p = 1 + (q * torch.log2(q) + (1 - q) * torch.log2(1 - q))
-    return F.interpolate(1 + p, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(1 + p if residual else p, size=size, mode="bilinear", align_corners=False)
 
 
 def _snapshot_differs(ctx):
@@ -720,24 +720,37 @@ def _augmented_by_hand(ctx, levels, transferable: bool, p_from: str = "feature_d
     out = []
     for low, main in levels:
         noise = torch.zeros(main.shape[0], ctx.hp.augmentor_noise_channels, *main.shape[-2:])
-        w = _p_by_hand(ctx.modules[p_from], main.detach(), main.shape[-2:]) if transferable else None
+        w = None
+        if transferable:
+            w = _p_by_hand(ctx.modules[p_from], main.detach(), main.shape[-2:], ctx.hp.residual_transferability)
         out.append(a(low.detach(), main.detach(), noise, w))
     return out
 
 
-@pytest.mark.parametrize("transferable", [False, True])
-def test_step2_augmentor_and_feature_discriminator_follow_eq12(monkeypatch, transferable):
+@pytest.mark.parametrize(
+    "transferable, residual, source",
+    [(False, True, "step3"), (True, True, "step3"), (True, False, "step3"), (True, True, "current")],
+)
+def test_step2_augmentor_and_feature_discriminator_follow_eq12(monkeypatch, transferable, residual, source):
+    """Also through the switches of P: w = 1 + P or P (`residual_transferability`), and P from the Step III copy
+    or from the live D_F that Step II trains (`transferability_source="current"`)."""
     _zero_noise(monkeypatch)
-    ctx, _ = _context("tf_augment")
-    if transferable:
+    ctx, _ = _context("tf_augment", residual_transferability=residual, transferability_source=source)
+    p_from = "feature_discriminator_p"
+    if transferable and source == "step3":
         _snapshot_differs(ctx)
+    elif transferable:
+        with torch.no_grad():  # P spread over [0, 1], so that w ≡ 1 would show
+            ctx.modules["feature_discriminator"].model[-1].weight.mul_(10.0)
+        ctx.state["step3_done"] = True
+        p_from = "feature_discriminator"
     with torch.no_grad():
         for block in ctx.modules["augmentor"].blocks:
             block.delta.fill_(0.5)  # so that every RA2B parameter has a gradient to compare
     batch = _batch()
     d = ctx.modules["feature_discriminator"]
     levels = [(low.detach(), main.detach()) for low, main in _levels(ctx, batch)]
-    augmented = _augmented_by_hand(ctx, levels, transferable)
+    augmented = _augmented_by_hand(ctx, levels, transferable, p_from)
     # A_F: min −E[log D_F(A_F(x, z))] over both domains (non-saturating Eq. 12)
     loss_a = 0.5 * sum(bce_logits(d(x), 1.0) for x in augmented)
     expected_a = _expected(loss_a, ctx.modules, ("augmentor",))
@@ -757,7 +770,7 @@ def test_step2_augmentor_and_feature_discriminator_follow_eq12(monkeypatch, tran
     _assert_grads(captured["augmentor"], expected_a)
     _assert_grads(captured["feature_discriminator"], expected_d)
     assert metrics["loss_augmentor"].item() == pytest.approx(loss_a.item(), rel=1e-5)
-    assert metrics["ra2b_delta"].item() != 0.5  # δ learns
+    assert all(block.delta.item() != 0.5 for block in ctx.modules["augmentor"].blocks)  # every δ learns
     # S (weights and batch-norm statistics), the generators and the P discriminator are fixed in Step II
     _assert_unchanged(ctx, frozen)
     # D_F's update (on detached A_F features) added nothing to A_F's gradients after its step
