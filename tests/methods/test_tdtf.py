@@ -613,6 +613,11 @@ def test_td_step_multipliers_follow_the_printed_update_over_all_workers(monkeypa
     for domain, value in zip("st", expected):
         assert ctx.state[f"lambda_{domain}"] == pytest.approx(value, rel=1e-5)
         assert metrics[f"lambda_{domain}"].item() == pytest.approx(value, rel=1e-5)
+    # VDB's dual ascent instead of the printed max, through the step too
+    ctx, _ = _context("td", gamma=1e-2, T=0.0, multiplier_update="dual_ascent")
+    tdtf.td_step(ctx, batch)
+    for domain, constraint in zip("st", constraints):
+        assert ctx.state[f"lambda_{domain}"] == pytest.approx(max(0.0, 1e-4 + 1e-2 * constraint.item()), rel=1e-5)
     # over workers: each domain's update takes that domain's all-reduced mean L_b
     reduced, means = [], iter([5000.0, 7000.0])
     ctx, _ = _context("td", gamma=1e-6, T=0.0)
