@@ -439,9 +439,12 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_hea
 
 
 def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_head, tmp_path, data_root):
-    """Issue 20 item 5: three unfinished Ray Train trials, a limit of one (two CPUs per worker on the head's three):
-    Tune starts every restored trial at once (their drivers only hold a token CPU), so without the sweep's own slot
-    keeper three Train controllers wait for worker groups and time out. With it, never more than one."""
+    """Issue 20 item 5: a resumed Ray Train sweep keeps its limit of one running trial (two CPUs per worker on the
+    head's three): never more than one Train controller at once, and every trial finishes. What this does not show:
+    that the sweep's own SlotKeeper is needed here. Measured with `trial_slot` made a no-op, the test still passes:
+    at the kill only one trial exists (Tune creates grid and random trials one at a time under the limit) and Tune
+    restores its variant generator with that limit. The keeper is for restored trials that were live beyond the
+    limit at the kill, which this test does not construct."""
     import signal
     import threading
     import time
@@ -464,8 +467,8 @@ def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_head, tmp_path, data_ro
             "-m",
             "platform.sweep",
             "source_only",
-            "--grid",
-            "lr",
+            "--num-samples",
+            "2",
             "--trial-runner",
             "train",
             "--cpus-per-worker",
@@ -524,7 +527,7 @@ def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_head, tmp_path, data_ro
         watcher.join(timeout=5)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     _, parents, children = runs_of(tmp_path)
-    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert most[0] == 1, f"{most[0]} Ray Train controllers ran at once with a limit of one"
 
 
