@@ -748,6 +748,7 @@ def test_a_full_iteration_runs_lines_4_to_8_in_order_on_one_batch(data_root):
 
 
 def test_schedules_and_optimiser_hyperparameters(data_root):
+    assert cscl.METHOD.imagenet_backbone  # "initially pre-trained by the ImageNet" (Sec. 3.5): paper tasks ask for it
     runner, ctx, _, _ = trial(data_root)
     stage_steps = ctx.stage_steps
     assert stage_steps == 200  # 2 source epochs of 800 images at batch 8

@@ -80,6 +80,29 @@ def test_missing_dataset_names_the_command_that_prepares_it(tmp_path, capsys):
     assert not (tmp_path / "mlflow.db").exists() and not ray.is_initialized()
 
 
+@pytest.mark.parametrize(
+    "method, task",
+    [
+        ("source_only", "cityscapes-nthu-rome"),
+        ("source_only", "synthia-cityscapes"),
+        ("source_only", "endoscopy"),
+        ("source_only", "montgomery-jsrt"),
+        ("adaptsegnet", "synthia-cityscapes"),
+        ("adaptsegnet", "cityscapes-nthu-rome"),
+    ],
+)
+def test_max_steps_is_honoured_on_every_pair_the_audit_found_unrunnable(tmp_path, capsys, method, task):
+    """Issue 19: these pairs said "no step budget ...; pass --max-steps N" although --max-steps was passed. With an
+    empty data root the CLI now gets past the budget to the data check (the budget itself: test_registry)."""
+    code = cli.main(
+        [method, "--task", task, "--max-steps", "5", "--set", "backbone_weights=random"]
+        + ["--data-root", str(tmp_path / "data"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+        + ["--storage-path", str(tmp_path / "r")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "is not prepared" in err and "step budget" not in err, err
+
+
 def test_the_real_command_exits_2(subprocess_env, tmp_path):
     out = subprocess.run(
         [python(), "-m", "platform.sweep", "no_such_method"],
