@@ -128,7 +128,9 @@ Open choices (hyperparameters, the first value is the default; grid `open_choice
   from the live D_F that Step III trains (from its second step on: before any Step III has trained D_F, w ≡ 1), and
   in TD and Step II from a frozen copy of D_F (`feature_discriminator_p`) taken when a TD stage or a Step II starts
   after a Step III has run, i.e. D_F as the last Step III left it (Step II retrains D_F with Step II's labels);
-  "current" uses the live D_F everywhere, Step II's included.
+  "current" uses the live D_F everywhere, Step II's included. (`step3_done` is not reset between rounds, so the
+  first Step III step of rounds 2 on takes P from D_F as that round's Step II left it; every later step from D_F as
+  Step III trains it.)
 - `pseudo_label_source` (A15): "online" (Eq. 11 literally, labels from S in the same step); "round": labels made
   once per round by a pass over the whole target set at the start of Step I (BDL's per-round practice, which Fig.
   5b/8's "generated along the alternative iteration number" suggests), kept per image by the platform and aligned
@@ -892,7 +894,8 @@ def align_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
 
 def snapshot_transferability(ctx: StepContext) -> dict[str, Any]:
     """`Stage.on_start` of TD and Step II: after a Step III, copy D_F into `feature_discriminator_p`, the D_F that
-    gives P until the next copy ("P ... is from D_F in Step III rather than Step II", `transferability_source`)."""
+    gives P in TD and Step II until the next copy (Step III itself uses the live D_F; "P ... is from D_F in Step
+    III rather than Step II", `transferability_source`)."""
     ready = bool(ctx.state.get("step3_done"))
     if ready and "feature_discriminator_p" in ctx.modules:
         ctx.modules["feature_discriminator_p"].load_state_dict(ctx.modules["feature_discriminator"].state_dict())

@@ -234,9 +234,9 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
     )
     tracker.log_datasets(run_id, template.fingerprints, template.data_root, dataset_contexts(template.task))
     if started_before:
-        # Tune starts this trial again (from its latest checkpoint if it has one, else from scratch): a retry
-        # (--max-failures: a lost node, a killed process), a resumed sweep or PBT's exploit; the run records how many
-        # times
+        # Tune starts this trial again (from its latest checkpoint if it has one, else from scratch): a Tune-level
+        # retry (inline trials' --max-failures: a lost node, a killed process), a resumed sweep or PBT's exploit; the
+        # run records how many times. Ray Train's own worker-group retries (Train trials) stay inside fit(), uncounted
         restarts = int(tracker.client.get_run(run_id).data.tags.get(RESTARTS_TAG, "0")) + 1
         tracker.client.set_tag(run_id, RESTARTS_TAG, str(restarts))
     spec = TrialSpec(

@@ -199,3 +199,18 @@ def test_mlflow_gets_an_evaluation_even_when_tune_stops_the_trial_at_its_report(
     with pytest.raises(Stopped):
         TrialRunner(spec(data_root), StoppingSession(), Logger()).run()
     assert ("metrics", 3, True) in logged and (checkpoints.LAST, 3) in logged
+
+
+def test_a_trial_started_again_reuses_its_run_and_says_so(tmp_path):
+    """Tune starting a trial again (a retry, also from scratch; a resumed sweep; PBT) finds the trial's run: the
+    second start returns the same run and `existed`, which is what counts `uda.restarts` (platform/tuning.py)."""
+    from platform.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracker.experiment("restarts")
+    parent = tracker.start_sweep(experiment, "sweep", {}, {}, {})
+    first, existed_first = tracker.start_trial(experiment, parent, "t_00000", "a", {"seed": 0}, {})
+    other, existed_other = tracker.start_trial(experiment, parent, "t_00001", "b", {"seed": 1}, {})
+    again, existed_again = tracker.start_trial(experiment, parent, "t_00000", "a", {"seed": 0}, {})
+    assert (existed_first, existed_other, existed_again) == (False, False, True)
+    assert again == first and other != first
