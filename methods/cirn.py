@@ -13,7 +13,8 @@ Three stages (Fig. 2), plus the source model that stage 1's semantic loss needs:
 2. `adapt` (Eq. 6-8): the CIR images x_i = G(x_s) are translated on the fly by the frozen G in every step (the
    paper translates the source set once, "X_I consists of G(x_s)"; the same images up to the order of the task's
    resize/flip and the translation, with no dataset to store). Encoder E and classifier C (DeepLab-v2 ResNet-101
-   "pretrained on ImageNet": a paper task needs `--set backbone_weights=...`, `Method.imagenet_backbone`; C its ASPP), the ACM (K attention modules around a second classifier, whose weights are copied from C when the
+   "pretrained on ImageNet": a paper task needs `--set backbone_weights=...`, `Method.imagenet_backbone`; C its
+   ASPP), the ACM (K attention modules around a second classifier, whose weights are copied from C when the
    stage starts), L_seg on softmax(z_C + z_ACM) (Eq. 6), the pixel-weighted adversarial loss with weights
    λ_cos·R + ε, R the cosine distance of C's and ACM's softmax maps on target pixels (Eq. 7), CLAN's weight
    discrepancy loss, and the five-convolution output-space D. Segmenter: SGD 2.5e-4, momentum 0.9, weight decay

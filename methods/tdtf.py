@@ -67,7 +67,8 @@ Readings of what is printed ambiguously or wrongly (fixed choices):
     DANet's position attention (Fu et al. 2019, the code convention Attention-on-Attention builds on), e_ij =
     ⟨C1_i, C2_j⟩, M normalised over j, F_p,i = Σ_j M_ij C3_j: each output a convex combination, as the text's
     "average weighted feature map" says, with C1 the query, which Eq. 9 shares with the attention (the printed
-    alternative would make C2 the query). No 1/√C scaling; C1, C2, C3 keep C channels ("C1, C2, C3 ∈ R^{H×W×C}"), 1x1 convolutions.
+    alternative would make C2 the query). No 1/√C scaling; C1, C2, C3 keep C channels ("C1, C2, C3 ∈ R^{H×W×C}"),
+    1x1 convolutions.
 11. Step I (Eq. 11): ŷ_t and M_v come from the same forward pass that gets the loss (ŷ_t = argmax S(x_t; θ_S),
     detached; β compared with ≥, as printed). Each term is the mean cross-entropy over its labelled pixels (ignored
     pixels: 255), the convention of BDL/CBST's ignore-label losses; the printed per-image sums over all pixels

@@ -86,10 +86,9 @@ class TrialSpec:
     tracked_hyperparams: tuple[str, ...] = ()  # logged as hp/<name> at every evaluation (values PBT changes)
     store_root: str | None = None  # the per-sample store's root in the trial's storage (None: a temporary dir)
     precision: str = "fp32"  # fp32 | bf16 | fp16: torch.autocast for steps and predict (StepContext.precision)
-    checkpoints_kept: int | None = (
-        checkpoints.KEPT
-    )  # how many latest checkpoints Ray/Tune keeps (None: all, as under PBT); the
-    # per-sample store keeps every version one of them names
+    # how many latest checkpoints Ray/Tune keeps (None: all, as under PBT); the per-sample store keeps every version
+    # one of them names
+    checkpoints_kept: int | None = checkpoints.KEPT
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -77,9 +77,8 @@ class TrialTemplate:
     slots: str = ""  # the named SlotKeeper actor that caps running trials (resumed sweeps), or "" for none
     tracked: tuple[str, ...] = ()  # hyperparameters logged as hp/<name> at every evaluation (PBT's perturbable ones)
     precision: str = "fp32"  # --precision: fp32 | bf16 | fp16 (loop.TrialSpec.precision)
-    checkpoints_kept: int | None = (
-        checkpoints.KEPT
-    )  # Tune's CheckpointConfig.num_to_keep (None under PBT; loop.TrialSpec)
+    # Tune's CheckpointConfig.num_to_keep (None under PBT; loop.TrialSpec)
+    checkpoints_kept: int | None = checkpoints.KEPT
 
 
 @ray.remote(num_cpus=0)
