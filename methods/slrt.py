@@ -86,7 +86,10 @@ Choices the paper leaves open (hyperparameters where two readings are plausible)
    keeps L_S as a mean and divides the per-image terms (L_C, η·L_D, µ·L_SRT) by |x| — the printed objective divided
    by a constant, with the same minimiser and, under Adam, the same steps. With it µ = 10 does not collapse
    (42.1 mIoU; 47.5 with η on the same footing). The weights it gives, per |x| of the source image: 1/4,096 on
-   the 64x64 synthetic tasks (η·L_D at 7e-5 of L_S), 1/262,144 on endoscopy at 512x512, 1/921,600 on GTA5. Under
+   the 64x64 synthetic tasks (η·L_D at 7e-5 of L_S), 1/262,144 on endoscopy at 512x512, 1/921,600 on GTA5. Where
+   the domains' training sizes differ (GTA5 720x1280, Cityscapes 512x1024), the printed sums would also weigh the
+   target cross-entropy against the source one by |x_t|/|x_s| (0.57 there): both are means here, weight 1, and
+   the one factor is the source image's 1/|x| (equal sizes on the synthetic and endoscopy tasks: no difference). Under
    the SGD the synthetic tasks train with (search_spaces/slrt.py) a constant factor is not neutral: S1's image-level
    term then barely trains (measured, `python -m platform.sweep slrt`: S1's target accuracy 0.67 at step 600, the
    share of target images with a lesion, and L_C at 0.65 against log 2 = 0.69), which is a limitation of this

@@ -7,6 +7,7 @@ gradient of the loss recomputed here from the paper's equations (Eq. 1-7) with t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -334,6 +335,45 @@ def test_learning_rate_decays_by_0_7_every_950_steps():
         optim.optimizer.step()
         optim.scheduler.step()
     assert optim.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.7**0.5)
+
+    # the synthetic tasks' footing: the recipe's SGD, E at the learning rate and S2, S1 and the refinement as the
+    # head group at head_lr_multiplier times it; D keeps its own Adam
+    sgd_hp = slrt.Hyperparams(architecture="tiny", batch_size=2, segmenter_optimizer="sgd", learning_rate=1e-2)
+    sgd = slrt.optimizers(sgd_hp, modules, 5000)
+    backbone, heads = sgd["network"].optimizer.param_groups
+    assert isinstance(sgd["network"].optimizer, torch.optim.SGD)
+    assert (backbone["lr"], heads["lr"]) == pytest.approx((1e-2, 1e-2 * sgd_hp.head_lr_multiplier))
+    assert sgd_hp.head_lr_multiplier != 1
+    assert all(g["momentum"] == sgd_hp.momentum and g["weight_decay"] == sgd_hp.weight_decay for g in (backbone, heads))
+    segmenter = modules["segmenter"]
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in segmenter.backbone_parameters()}
+    expected_heads = list(segmenter.head_parameters()) + [
+        p for name in ("classifier", "refine") for p in modules[name].parameters()
+    ]
+    assert {id(p) for p in heads["params"]} == {id(p) for p in expected_heads}
+    assert len(backbone["params"]) + len(heads["params"]) == len(_network_params(modules))
+    assert isinstance(sgd["discriminator"].optimizer, torch.optim.Adam)
+
+
+def test_pixel_refinement_reads_s1s_convolution_before_its_pooling():
+    """refinement="pixel" (choice 2): the refinement's S1 input is softmax(S1's 1x1 conv) at every position, not the
+    image probability broadcast; with a refinement that mixes S1's channels in, the two readings differ."""
+    hp = slrt.Hyperparams(architecture="tiny", batch_size=2, refinement="pixel")
+    modules = _seeded(hp)
+    with torch.no_grad():
+        modules["refine"].conv.weight[:, 2:] = torch.tensor([[1.5, -0.5], [-1.0, 2.0]])[..., None, None]
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    features = modules["segmenter"].encode(imagenet_normalise(images))
+    logits = modules["segmenter"].classify(features)
+    per_pixel = torch.softmax(modules["classifier"].fc(features.main), 1)
+    expected = modules["refine"].conv(torch.cat([logits, per_pixel], 1))
+    got = slrt.forward(hp, modules, imagenet_normalise(images))
+    assert torch.allclose(got.logits, expected, atol=1e-6)
+    image = slrt.forward(dataclasses.replace(hp, refinement="image"), modules, imagenet_normalise(images))
+    assert torch.equal(got.image_logits, image.image_logits)  # S1's own output is the pooled one either way
+    assert not torch.allclose(got.logits, image.logits, atol=1e-4)
+    broadcast = torch.softmax(image.image_logits, 1)[:, :, None, None].expand_as(per_pixel)
+    assert torch.allclose(image.logits, modules["refine"].conv(torch.cat([logits, broadcast], 1)), atol=1e-6)
 
 
 # ------------------------------------------------------------------ step-level wiring
