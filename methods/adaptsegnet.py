@@ -101,8 +101,8 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     loss_seg = segmentation_loss(source_logits, batch.source_label, ctx.info.ignore_index)
     target_logits = segmenter(imagenet_normalise(batch.target_image))
     loss_adv = adversarial_loss(discriminator(output_map(target_logits, target_size)))
-    (loss_seg + ctx.hp.lambda_adv * loss_adv).backward()
-    optimize_segmenter.step()
+    ctx.backward(loss_seg + ctx.hp.lambda_adv * loss_adv)
+    ctx.step("segmenter")
 
     # 3. Discriminator on detached outputs of both domains.
     optimize_discriminator.zero_grad(set_to_none=True)
@@ -110,8 +110,8 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
         discriminator(output_map(source_logits.detach(), source_size)),
         discriminator(output_map(target_logits.detach(), target_size)),
     )
-    loss_d.backward()
-    optimize_discriminator.step()
+    ctx.backward(loss_d)
+    ctx.step("discriminator")
     return {"loss_seg_source": loss_seg.detach(), "loss_adv_target": loss_adv.detach(), "loss_d": loss_d.detach()}
 
 

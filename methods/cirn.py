@@ -649,8 +649,8 @@ def source_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     optimizer.zero_grad(set_to_none=True)
     logits = ctx.modules["source_segmenter"](imagenet_normalise(batch.source_image))
     loss = segmentation_loss(logits, batch.source_label, ctx.info.ignore_index)
-    loss.backward()
-    optimizer.step()
+    ctx.backward(loss)
+    ctx.step("source_segmenter")
     return {"loss_seg_source": loss.detach()}
 
 
@@ -701,16 +701,16 @@ def translation_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
         identity = (g(x_t) - x_t).abs().mean() + (f(x_s) - x_s).abs().mean()
         metrics["loss_identity"] = identity.detach()
     loss_g = stage1_generator_objective(hp, gan_g, gan_f, cyc, sem, identity)
-    loss_g.backward()
-    optimize_g.step()
+    ctx.backward(loss_g)
+    ctx.step("generators")
 
     # Eq. 1-2, max over D_T and D_S: real images against fakes from the pools of previous fakes
     optimize_d = ctx.optimizers["patch_discriminators"]
     optimize_d.zero_grad(set_to_none=True)
     loss_d_t = patch_discriminator_loss(d_t(x_t), d_t(_pooled(ctx, "pool_t", fake_t)), hp.gan_mode)
     loss_d_s = patch_discriminator_loss(d_s(x_s), d_s(_pooled(ctx, "pool_s", fake_s)), hp.gan_mode)
-    (loss_d_t + loss_d_s).backward()
-    optimize_d.step()
+    ctx.backward(loss_d_t + loss_d_s)
+    ctx.step("patch_discriminators")
     metrics.update(
         loss_g=loss_g.detach(),
         loss_gan_g=gan_g.detach(),
@@ -809,8 +809,8 @@ def adaptation_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     loss_weight = weight_discrepancy(
         modules["segmenter"].classifier.parameters(), modules["acm"].classifier.parameters()
     )
-    stage2_objective(hp, loss_seg, loss_adv, loss_weight).backward()
-    optimize_segmenter.step()
+    ctx.backward(stage2_objective(hp, loss_seg, loss_adv, loss_weight))
+    ctx.step("segmenter")
 
     # Eq. 7, D's side: CIR predictions → 1 unweighted, target predictions → 0 weighted by the detached map
     optimize_d = ctx.optimizers["discriminator"]
@@ -820,8 +820,8 @@ def adaptation_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     weights_d = adversarial_weights(distance.detach(), hp.lambda_cos, hp.epsilon)
     loss_d_source = weighted_domain_bce(d_i, SOURCE_LABEL)
     loss_d_target = weighted_domain_bce(d_t, TARGET_LABEL, weights_d)
-    (loss_d_source + loss_d_target).backward()
-    optimize_d.step()
+    ctx.backward(loss_d_source + loss_d_target)
+    ctx.step("discriminator")
 
     metrics = {
         "loss_seg": loss_seg.detach(),
@@ -847,8 +847,8 @@ def supervised_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     optimizer.zero_grad(set_to_none=True)
     logits = ctx.modules["segmenter"](imagenet_normalise(cir_images(ctx, batch)))
     loss = segmentation_loss(logits, batch.source_label, ctx.info.ignore_index)
-    loss.backward()
-    optimizer.step()
+    ctx.backward(loss)
+    ctx.step("segmenter")
     return {"loss_seg": loss.detach()}
 
 
@@ -935,8 +935,8 @@ def self_training_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     optimizer.zero_grad(set_to_none=True)
     logits_c, logits_acm, _ = student_logits(modules, batch.target_image)
     loss = segmentation_loss(combined(logits_c, logits_acm), labels, info.ignore_index)
-    loss.backward()
-    optimizer.step()
+    ctx.backward(loss)
+    ctx.step("segmenter")
     metrics = {
         "loss_seg_target": loss.detach(),
         "pseudo_label_fraction": (labels != info.ignore_index).float().mean(),

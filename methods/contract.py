@@ -212,7 +212,11 @@ class StepContext:
 
     def step(self, name: str) -> None:
         optimizer = self.optimizers[name]
-        optimizer.step() if self.scaler is None else self.scaler.step(optimizer)
+        if self.scaler is None:
+            optimizer.step()
+        elif any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+            self.scaler.step(optimizer)  # unscales, skips the update where a gradient is inf/NaN
+        # (no gradient at all: nothing to update, as a plain step would update nothing)
 
     def full_precision(self) -> typing.ContextManager[None]:
         """A block computed in float32 whatever `precision` is (autocast off; give it `.float()` inputs)."""

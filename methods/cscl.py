@@ -791,8 +791,8 @@ def _descend(ctx: StepContext, name: str, loss: Tensor) -> None:
     optimisers before their own updates)."""
     optimizer = ctx.optimizers[name]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    ctx.backward(loss)
+    ctx.step(name)
 
 
 # ---------------------------------------------------------------------------------------------------- Alg. 1 pass

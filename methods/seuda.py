@@ -266,8 +266,8 @@ def segmenter_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     loss = segmentation_loss(
         ctx.modules["segmenter"](imagenet_normalise(batch.source_image)), batch.source_label, ctx.info.ignore_index
     )
-    loss.backward()
-    optimizer.step()
+    ctx.backward(loss)
+    ctx.step("segmenter")
     ctx.modules["source_histogram"].add(batch.source_image)
     return {"loss_seg_source": loss.detach()}
 
@@ -308,8 +308,8 @@ def gan_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
         predicted_masks = F.softmax(segment(modules, from_gan(fake_s)), dim=1)
         sem = generator_gan_loss(modules["discriminator_m"](predicted_masks))
     loss_g = generator_objective(hp, gan_s2t, gan_t2s, cyc, sem)
-    loss_g.backward()
-    optimizers["generators"].step()
+    ctx.backward(loss_g)
+    ctx.step("generators")
 
     metrics = {
         "loss_g": loss_g.detach(),
@@ -328,8 +328,8 @@ def gan_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
         ctx.state[pool_name] = pool.images
         optimizers[name].zero_grad(set_to_none=True)
         loss_d = discriminator_loss(modules[name](real), modules[name](pooled))
-        loss_d.backward()
-        optimizers[name].step()
+        ctx.backward(loss_d)
+        ctx.step(name)
         metrics[f"loss_{name.replace('discriminator', 'd')}"] = loss_d.detach()
     return metrics
 

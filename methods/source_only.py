@@ -51,8 +51,8 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
     logits = segmenter(imagenet_normalise(batch.source_image))
     loss = segmentation_loss(logits, batch.source_label, ctx.info.ignore_index)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    ctx.backward(loss)
+    ctx.step("segmenter")
     return {"loss_seg_source": loss.detach()}
 
 

@@ -716,8 +716,8 @@ def _descend(ctx: StepContext, name: str, loss: Tensor) -> None:
     """One update of optimiser `name` on `loss` (other optimisers clear their own gradients before their updates)."""
     optimizer = ctx.optimizers[name]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    ctx.backward(loss)
+    ctx.step(name)
 
 
 def _mean(values: Sequence[Tensor]) -> Tensor:

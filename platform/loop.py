@@ -237,7 +237,7 @@ def open_trial(spec: TrialSpec, device: torch.device, rank: int = 0, world_size:
     }
     if spec.precision not in ("fp32", *PRECISIONS):
         raise ValueError(f"precision must be fp32, bf16 or fp16 (got {spec.precision!r})")
-    scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16" else None
+    scaler = StepScaler(device.type) if spec.precision == "fp16" else None
     return Trial(
         spec,
         method,
@@ -255,6 +255,31 @@ def open_trial(spec: TrialSpec, device: torch.device, rank: int = 0, world_size:
         world_size,
         scaler,
     )
+
+
+class StepScaler(torch.amp.GradScaler):
+    """fp16's gradient scaler. GradScaler expects one backward and one step per optimiser between two updates; a
+    method's step may update one optimiser several times (CSCL's Alg. 2 steps E on line 4 and again on line 6), so
+    the scaler updates before it scales a loss after an optimiser step, and at the end of each train step: every
+    backward → step pair then unscales with the scale it was scaled by. It updates only after a step that stepped
+    an optimiser through it (GradScaler cannot update without one; a step may update nothing, e.g. an optimiser
+    whose parameters received no gradient)."""
+
+    stepped = False
+
+    def scale(self, outputs):
+        if self.stepped:
+            self.update()
+        return super().scale(outputs)
+
+    def step(self, optimizer, *args, **kwargs):
+        self.stepped = True
+        return super().step(optimizer, *args, **kwargs)
+
+    def update(self, new_scale=None) -> None:
+        if self.stepped:
+            super().update(new_scale)
+        self.stepped = False
 
 
 def set_modes(modules: nn.ModuleDict, stage: Stage) -> None:
