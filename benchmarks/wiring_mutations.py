@@ -313,8 +313,8 @@ MUTATIONS = [
         "A3",
         "adaptsegnet: lambda_adv ignored",
         ASN,
-        "(loss_seg + ctx.hp.lambda_adv * loss_adv).backward()",
-        "(loss_seg + 0.001 * loss_adv).backward()",
+        "ctx.backward(loss_seg + ctx.hp.lambda_adv * loss_adv)",
+        "ctx.backward(loss_seg + 0.001 * loss_adv)",
     ),
     (
         "A4",

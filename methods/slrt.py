@@ -93,7 +93,7 @@ Choices the paper leaves open (hyperparameters where two readings are plausible)
    the SGD the synthetic tasks train with (search_spaces/slrt.py) a constant factor is not neutral: S1's image-level
    term then barely trains (measured, `python -m platform.sweep slrt`: S1's target accuracy 0.67 at step 600, the
    share of target images with a lesion, and L_C at 0.65 against log 2 = 0.69; again 0.66 on synthetic-endoscopy's
-   generator version 3, where the method gains +13.7 mIoU on average all the same), which is a limitation of this
+   generator version 3), which is a limitation of this
    default on the synthetic tasks, not a reading of the paper; `open_choices` has "mean". "mean" gives the weights against the per-pixel mean as the
    platform's other methods use them. Alg. 3 lines 7-8 print 1/|x| (all pixels), which makes a "centroid" the class
    frequency times the class mean: target classes cover only about p of the pixels, so the target centroids would

@@ -206,7 +206,7 @@ class Trial:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    scaler: Any = None  # torch.amp.GradScaler under fp16
+    scaler: Any = None  # StepScaler (a torch.amp.GradScaler) under fp16
 
     @property
     def total_steps(self) -> int:
@@ -258,28 +258,40 @@ def open_trial(spec: TrialSpec, device: torch.device, rank: int = 0, world_size:
 
 
 class StepScaler(torch.amp.GradScaler):
-    """fp16's gradient scaler. GradScaler expects one backward and one step per optimiser between two updates; a
-    method's step may update one optimiser several times (CSCL's Alg. 2 steps E on line 4 and again on line 6), so
-    the scaler updates before it scales a loss after an optimiser step, and at the end of each train step: every
-    backward → step pair then unscales with the scale it was scaled by. It updates only after a step that stepped
-    an optimiser through it (GradScaler cannot update without one; a step may update nothing, e.g. an optimiser
-    whose parameters received no gradient)."""
+    """fp16's gradient scaler, updated once at the end of each train step (the loop's call), with the scale fixed
+    within the step. GradScaler allows one step per optimiser between two updates; a method's step may update one
+    optimiser several times (CSCL's Alg. 2 steps E on line 4 and again on line 6), so a second step of an optimiser
+    starts that optimiser's bookkeeping afresh and carries its earlier inf/NaN finding to the step's update (an
+    overflow anywhere in the step still backs the scale off). The update is skipped after a step that stepped
+    nothing through the scaler (GradScaler cannot update without a step; e.g. every optimiser of the step
+    received no gradient). Uses GradScaler's per-optimiser state (torch.amp.grad_scaler, torch 2.13)."""
 
-    stepped = False
-
-    def scale(self, outputs):
-        if self.stepped:
-            self.update()
-        return super().scale(outputs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stepped = False
+        self._carried: list[torch.Tensor] = []  # inf/NaN findings of optimisers stepped again within this step
 
     def step(self, optimizer, *args, **kwargs):
+        from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
+
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.STEPPED:
+            self._carried.extend(state["found_inf_per_device"].values())
+            self._per_optimizer_states[id(optimizer)] = _refresh_per_optimizer_state()
         self.stepped = True
         return super().step(optimizer, *args, **kwargs)
 
     def update(self, new_scale=None) -> None:
+        from torch.amp.grad_scaler import OptState
+
         if self.stepped:
+            for index, found_inf in enumerate(self._carried):  # keyed apart from every optimiser's id
+                self._per_optimizer_states[-1 - index] = {
+                    "stage": OptState.STEPPED,
+                    "found_inf_per_device": {found_inf.device: found_inf},
+                }
             super().update(new_scale)
-        self.stepped = False
+        self.stepped, self._carried = False, []
 
 
 def set_modes(modules: nn.ModuleDict, stage: Stage) -> None:

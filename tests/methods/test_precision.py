@@ -153,6 +153,31 @@ def test_a_step_that_steps_nothing_leaves_the_scaler_alone():
     assert torch.allclose(weight.detach(), torch.tensor([0.9, 0.8]))
 
 
+def test_two_steps_of_one_optimiser_in_a_train_step_keep_the_scale_and_its_overflow():
+    """CSCL steps E twice per iteration. The second step of one optimiser within a train step is allowed, both use
+    the scale the step started with, and an overflow in the first (its update skipped) still backs the scale off at
+    the step's end."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = StepScaler("cpu", init_scale=16.0)
+    ctx = dataclasses.replace(_bare_context(), optimizers={"w": optimizer}, scaler=scaler, precision="fp16")
+    ctx.backward((weight * torch.tensor([float("inf"), 1.0])).sum())  # overflows: this update is skipped
+    ctx.step("w")
+    assert torch.equal(weight.detach(), torch.ones(2))
+    optimizer.zero_grad()
+    ctx.backward((weight * torch.tensor([1.0, 2.0])).sum())
+    assert torch.equal(weight.grad, torch.tensor([16.0, 32.0]))  # still the step's scale
+    ctx.step("w")
+    assert torch.allclose(weight.detach(), torch.tensor([0.9, 0.8]))
+    scaler.update()
+    assert scaler.get_scale() == 8.0  # backed off (x0.5) for the first step's overflow
+    optimizer.zero_grad()
+    ctx.backward((weight * torch.tensor([1.0, 1.0])).sum())
+    ctx.step("w")
+    scaler.update()
+    assert scaler.get_scale() == 8.0 and torch.allclose(weight.detach(), torch.tensor([0.8, 0.7]))
+
+
 def _bare_context():
     from methods.contract import StepContext, TaskInfo
 

@@ -336,9 +336,12 @@ def test_learning_rate_decays_by_0_7_every_950_steps():
         optim.scheduler.step()
     assert optim.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.7**0.5)
 
-    # the synthetic tasks' footing: the recipe's SGD, E at the learning rate and S2, S1 and the refinement as the
-    # head group at head_lr_multiplier times it; D keeps its own Adam
+
+def test_the_sgd_footing_puts_s2_s1_and_the_refinement_in_the_head_group():
+    """The synthetic tasks' footing: the recipe's SGD, E at the learning rate and S2, S1 and the refinement as the
+    head group at head_lr_multiplier times it; D keeps its own Adam."""
     sgd_hp = slrt.Hyperparams(architecture="tiny", batch_size=2, segmenter_optimizer="sgd", learning_rate=1e-2)
+    modules = slrt.build(sgd_hp, INFO)
     sgd = slrt.optimizers(sgd_hp, modules, 5000)
     backbone, heads = sgd["network"].optimizer.param_groups
     assert isinstance(sgd["network"].optimizer, torch.optim.SGD)
@@ -369,6 +372,8 @@ def test_pixel_refinement_reads_s1s_convolution_before_its_pooling():
     expected = modules["refine"].conv(torch.cat([logits, per_pixel], 1))
     got = slrt.forward(hp, modules, imagenet_normalise(images))
     assert torch.allclose(got.logits, expected, atol=1e-6)
+    # "before its pooling": S1's image logits are the pixel mean of that convolution (a linear map of the features)
+    assert torch.allclose(modules["classifier"].fc(features.main).mean((2, 3)), got.image_logits, atol=1e-6)
     image = slrt.forward(dataclasses.replace(hp, refinement="image"), modules, imagenet_normalise(images))
     assert torch.equal(got.image_logits, image.image_logits)  # S1's own output is the pooled one either way
     assert not torch.allclose(got.logits, image.logits, atol=1e-4)
