@@ -105,6 +105,15 @@ def build_parser(single: bool) -> argparse.ArgumentParser:
         "budgets, the paper's epochs or steps; for methods with share budgets, the search space's MAX_STEPS)",
     )
     parser.add_argument("--eval-every", type=int, help="evaluate on target val every N steps (default: a fifth)")
+    parser.add_argument(
+        "--source-val",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="hold out this fraction of the source training images (chosen by a hash of each sample id: the same "
+        "images in every trial) from training and score them at every evaluation as val_source/*, for the "
+        "report's source-val model selection (default 0: off)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (data parallel)")
     parser.add_argument("--cpus-per-worker", type=int, default=1)
     parser.add_argument("--gpus-per-worker", type=float, default=0)
@@ -182,7 +191,9 @@ class Plan:
 def make_plan(args: argparse.Namespace, single: bool) -> Plan:
     method, _, _ = config.method_and_task(args.method, args.task)  # first, for the error order users expect
     overrides = config.parse_overrides(method, args.overrides)
-    resolved = config.resolve(args.method, args.task, overrides, args.max_steps, args.eval_every)
+    resolved = config.resolve(
+        args.method, args.task, overrides, args.max_steps, args.eval_every, getattr(args, "source_val", 0.0)
+    )
     for flag, value, minimum in (
         ("--workers", args.workers, 1),
         ("--cpus-per-worker", args.cpus_per_worker, 1),
@@ -273,6 +284,7 @@ def probe_costs(plan: Plan, stage_steps: Sequence[int]) -> Costs | None:
         max_steps=resolved.max_steps,
         eval_every=resolved.eval_every,
         data_root=plan.data_root,
+        source_val=resolved.source_val,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.args.cpus_per_worker)
@@ -573,6 +585,7 @@ def run_sweep(plan: Plan, fingerprints: dict[str, str], concurrency: int, report
         tracked=resolved.space.perturbable if plan.scheduler == "pbt" else (),
         precision=getattr(plan.args, "precision", "fp32"),
         checkpoints_kept=_checkpoints_kept(plan),
+        source_val=resolved.source_val,
     )
     inline = plan.runner == config.INLINE
     trainable = tune.with_resources(
@@ -706,6 +719,7 @@ def _sweep_settings(plan: Plan) -> dict[str, Any]:
         "eval_every": plan.resolved.eval_every or "",
         "workers": plan.args.workers,
         "scheduler": plan.scheduler or "",
+        "source_val": plan.resolved.source_val,
         "overrides": json.dumps(dict(plan.resolved.base), default=str),
     }
 

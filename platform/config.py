@@ -55,6 +55,7 @@ class Resolved:
     # stages to it, None keeps their own length (platform/budgets.py)
     max_steps: int | None
     eval_every: int | None  # None: a fifth of each trial's steps
+    source_val: float = 0.0  # --source-val: the held-out fraction of the source training split (tasks.held_out)
 
 
 def method_and_task(method_name: str, task_name: str | None = None) -> tuple[Method, SearchSpace, Task]:
@@ -81,6 +82,7 @@ def resolve(
     overrides: Mapping[str, Any] | None = None,
     max_steps: int | None = None,
     eval_every: int | None = None,
+    source_val: float = 0.0,
 ) -> Resolved:
     method, space, task = method_and_task(method_name, task_name)
     base = {**space.task_defaults.get(task.name, {}), **(overrides or {})}
@@ -98,14 +100,19 @@ def resolve(
             raise UsageError(f"search_spaces/{method.name}.py has no step budget for {task.name}; pass --max-steps N")
     if eval_every is not None and eval_every < 1:
         raise UsageError(f"--eval-every must be >= 1 (got {eval_every})")
-    return Resolved(method=method, task=task, space=space, base=base, max_steps=max_steps, eval_every=eval_every)
+    if not 0 <= source_val < 1:
+        raise UsageError(f"--source-val must be a fraction in [0, 1), e.g. 0.1 (got {source_val:g})")
+    return Resolved(method, task, space, base, max_steps, eval_every, source_val)
 
 
 def trial_steps(resolved: Resolved, point: Mapping[str, Any], data_root: str, workers: int) -> list[int]:
     """Steps per stage of the trial running `point` (on top of resolved.base) with `workers` workers; the task's
     data must be prepared (epoch budgets read its split sizes). UsageError if they cannot be resolved."""
     hp = check_hyperparams(resolved.method, {**resolved.base, **point})
-    info = tasks.runtime_info(resolved.task, data_root)
+    try:
+        info = tasks.runtime_info(resolved.task, data_root, resolved.source_val)
+    except ValueError as error:  # a source-validation slice that is empty or the whole split
+        raise UsageError(str(error)) from None
     try:
         return budgets.stage_steps(resolved.method.stages(hp), info, hp.batch_size, workers, resolved.max_steps)
     except budgets.BudgetError as error:

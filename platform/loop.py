@@ -89,6 +89,9 @@ class TrialSpec:
     # how many latest checkpoints Ray/Tune keeps (None: all, as under PBT); the per-sample store keeps every version
     # one of them names
     checkpoints_kept: int | None = checkpoints.KEPT
+    # --source-val: the fraction of the labelled source training split held out from training (by a hash of each
+    # sample id, tasks.held_out) and scored as val_source/* at every evaluation; 0 holds out nothing
+    source_val: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,12 +204,13 @@ class Trial:
     stages: tuple[Stage, ...]
     positions: list[StagePosition]
     budgets: list[int]  # steps per stage
-    files: dict[str, list[str]]  # source_train (every source split), target_train, target_val
+    files: dict[str, list[str]]  # source_train (every source split), source_val (the labelled one), target_*
     fingerprints: dict[str, str]
     device: torch.device
     rank: int = 0
     world_size: int = 1
     scaler: Any = None  # StepScaler (a torch.amp.GradScaler) under fp16
+    source_holdout: tuple[int, ...] = ()  # rows of files["source_val"] never trained on, scored as val_source/*
 
     @property
     def total_steps(self) -> int:
@@ -223,7 +227,8 @@ def open_trial(spec: TrialSpec, device: torch.device, rank: int = 0, world_size:
     hp = methods.make_hyperparams(method, spec.hyperparams)
     task = tasks.get(spec.task)
     fingerprints = tasks.prepare(task, spec.data_root)
-    info = tasks.runtime_info(task, spec.data_root)
+    info = tasks.runtime_info(task, spec.data_root, spec.source_val)
+    holdout = tasks.source_validation_rows(task, spec.data_root, spec.source_val)
     torch.manual_seed(spec.seed)  # module initialisation
     modules = method.build(hp, info)
     if spec.sync_batchnorm:
@@ -234,6 +239,8 @@ def open_trial(spec: TrialSpec, device: torch.device, rank: int = 0, world_size:
         "source_train": [f for s in task.source_splits for f in split_files(spec.data_root, s.dataset, s.split)],
         "target_train": split_files(spec.data_root, task.target_train.dataset, task.target_train.split),
         "target_val": split_files(spec.data_root, task.target_val.dataset, task.target_val.split),
+        # the first of the source splits, so that its row indices are those of source_train
+        "source_val": split_files(spec.data_root, task.source_train.dataset, task.source_train.split),
     }
     if spec.precision not in ("fp32", *PRECISIONS):
         raise ValueError(f"precision must be fp32, bf16 or fp16 (got {spec.precision!r})")
@@ -254,6 +261,7 @@ def open_trial(spec: TrialSpec, device: torch.device, rank: int = 0, world_size:
         rank,
         world_size,
         scaler,
+        holdout,
     )
 
 
@@ -497,6 +505,7 @@ class DataFeed:
                 columns,
                 policy=source_policy,
                 start_sample=progress.source_batches * batch_size,
+                exclude=trial.source_holdout,
                 **common,
             )
         )
@@ -674,15 +683,19 @@ def evaluate_split(
     device: torch.device,
     prefix: str,
     precision: str = "fp32",
+    rows: tuple[int, ...] | None = None,
+    size: tuple[int, int] | None | str = "target",
 ) -> dict[str, float]:
-    """One pass over a labelled split (this worker's share), metrics reduced over all workers; `predict` runs under
-    the trial's precision (autocast for bf16/fp16), its logits are scored in float32."""
+    """One pass over a labelled split (this worker's share; only `rows` where given), metrics reduced over all
+    workers; images segmented at `size` ("target": the task's target size); `predict` runs under the trial's
+    precision (autocast for bf16/fp16), its logits are scored in float32."""
     info = task.info
+    size = task.target_size if size == "target" else size
     matrix = torch.zeros(info.num_classes, info.num_classes, dtype=torch.int64)
     lungs = LungMetrics(info.class_names) if task.lung_metrics else None
     columns = ["image", "label"] + (["spacing_mm"] if lungs else [])
     with all_eval(modules):
-        for batch in eval_batches(files, columns, batch_size, info.num_classes, rank, world_size, task.target_size):
+        for batch in eval_batches(files, columns, batch_size, info.num_classes, rank, world_size, size, rows):
             with _autocast(device, precision):
                 logits = method.predict(hp, modules, batch["image"].to(device), stage).float()
             label = batch["label"]
@@ -701,29 +714,37 @@ def evaluate_split(
 
 
 class Evaluator:
-    """Scores the trial on the target validation split; gives `method.samples` its fixed images."""
+    """Scores the trial on the target validation split (and the source-validation slice); gives `method.samples`
+    its fixed images."""
 
     def __init__(self, trial: Trial, sample_count: int = 4):
         self.trial, self.sample_count = trial, sample_count
         self._sample_images: SampleImages | None = None
         self._labelled: dict[str, torch.Tensor] | None = None  # the prediction grid's images and labels
 
-    def evaluate(self, position: StagePosition, split: str = "target_val", prefix: str = "val_target") -> dict:
+    def evaluate(self, position: StagePosition) -> dict:
+        """Target validation as `val_target/*`; with a source-validation slice (`--source-val`) also that slice,
+        segmented at the source training size, as `val_source/*` (what the report's source-val rule selects by)."""
         trial = self.trial
-        return evaluate_split(
-            trial.method,
-            trial.hp,
-            trial.modules,
-            trial.task,
-            trial.files[split],
-            position,
-            trial.spec.eval_batch_size,
-            trial.rank,
-            trial.world_size,
-            trial.device,
-            prefix,
-            trial.spec.precision,
+        common = (trial.spec.eval_batch_size, trial.rank, trial.world_size, trial.device)
+        model = (trial.method, trial.hp, trial.modules, trial.task)
+        metrics = evaluate_split(
+            *model, trial.files["target_val"], position, *common, "val_target", trial.spec.precision
         )
+        if trial.source_holdout:
+            metrics.update(
+                evaluate_split(
+                    *model,
+                    trial.files["source_val"],
+                    position,
+                    *common,
+                    "val_source",
+                    trial.spec.precision,
+                    rows=trial.source_holdout,
+                    size=trial.task.source_size,
+                )
+            )
+        return metrics
 
     def samples(self, position: StagePosition) -> dict[str, torch.Tensor]:
         """`method.samples` on the first target validation and source training images, modules in eval mode, and

@@ -18,8 +18,8 @@ depends on the data allowed to pick it. Every report shows, for each rule, the p
 - `oracle`: the configuration and checkpoint with the best target-validation mIoU (uses target labels: an upper
   bound, not a result an unsupervised method can claim);
 - `source-val`: the configuration with the best mIoU on the held-out source slice (`val_source/miou`, logged by trials
-  of a task with a source-validation split; no source image is both trained on and used to select), scored at its
-  last checkpoint;
+  of a sweep run with `--source-val FRACTION`: those source images are never trained on, so no source image is both
+  trained on and used to select), scored at its last checkpoint;
 - `defaults`: the paper-default configuration's last checkpoint (no selection at all).
 `--task TASK` compares every method's runs on one task under one rule (named in the table), with flags where rows are
 not comparable (different budget, backbone or seeds).
@@ -55,7 +55,7 @@ SWEEP_TAG, PARENT_TAG, TRIAL_TAG = "uda.sweep", "mlflow.parentRunId", "uda.trial
 RETRIED_TAG, DEFAULTS_TAG, POINT_TAG = "uda.retried", "uda.defaults", "uda.point"
 EXPLOIT = "uda.pbt.exploit.step-"  # loop.TrialRunner: a PBT member restored from another trial's checkpoint
 # What a child run's params hold besides the method's hyperparameters (tuning.run_trial)
-RUN_PARAMS = ("seed", "steps", "stage_steps", "max_steps", "eval_every", "workers")
+RUN_PARAMS = ("seed", "steps", "stage_steps", "max_steps", "eval_every", "workers", "precision", "source_val")
 
 
 class ReportError(ValueError):
@@ -314,7 +314,7 @@ def select(configurations: Sequence[Configuration], rule: Rule) -> Selection:
     if not candidates:
         reason = "no finished run has " + rule.choose_by
         if rule.choose_by == SOURCE_VAL:
-            reason += " (no task holds out a source-validation slice yet: the rule applies once trials log it)"
+            reason += " (trials log it when their sweep holds out a source slice: platform.sweep ... --source-val 0.1)"
         return Selection(rule, None, reason)
     return Selection(rule, max(candidates, key=lambda c: c.stat(rule.choose_by).mean))
 

@@ -17,6 +17,10 @@ Memory stays bounded whatever the dataset size: three row groups (two being deco
 batches in flight. Paths may be local or any URI that pyarrow's filesystems understand (s3://, gs://, hdfs://); NFS
 is a local path.
 
+Held-out rows: a stream built with `exclude` (the source-validation slice, tasks.source_validation_rows) draws every
+other row once per epoch, in the same order with the excluded ones left out, and never reads a row group that holds
+only excluded rows.
+
 Columns: a training stream is built with the columns it may read. The target training stream is built without
 "label", so target pixel labels cannot reach a method, not even by mistake.
 """
@@ -26,7 +30,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -369,8 +373,10 @@ class TrainStream:
         policy: Policy | None = None,
         threads: int = 2,
         prefetch: int = 2,
+        exclude: Collection[int] = (),
     ):
         self.groups = row_groups(files)
+        self.exclude = frozenset(exclude)  # row indices never drawn (the source-validation slice)
         if not self.groups:
             raise ValueError(f"no rows in {', '.join(files) or '(no files)'}")
         if len(self.groups) < world_size:
@@ -381,7 +387,15 @@ class TrainStream:
         self.start_sample = start_sample
         self.threads, self.prefetch = threads, prefetch
         self.reader = _RowGroupReader(columns, cached_groups=3)  # the one being read ahead, two being decoded
-        self.num_samples = sum(g.num_rows for g in self.groups)
+        self.num_samples = sum(self._kept(g) for g in self.groups)
+        if not self.num_samples:
+            raise ValueError(f"every row of {', '.join(files)} is excluded")
+
+    def _kept(self, group: RowGroup) -> int:
+        """The rows of `group` the stream draws (all but the excluded ones)."""
+        if not self.exclude:
+            return group.num_rows
+        return sum(1 for r in range(group.offset, group.offset + group.num_rows) if r not in self.exclude)
 
     def _epoch_groups(self, epoch: int) -> list[RowGroup]:
         shared = np.random.default_rng([self.seed, epoch])
@@ -391,7 +405,8 @@ class TrainStream:
         local = np.random.default_rng([self.seed, epoch, 1 + self.rank])
         order = []
         for group in self._epoch_groups(epoch):
-            order.extend((group, int(r)) for r in local.permutation(group.num_rows))
+            rows = local.permutation(group.num_rows)
+            order.extend((group, int(r)) for r in rows if group.offset + int(r) not in self.exclude)
         return [(group, row, augment) for (group, row), augment in zip(order, self.policy.draw(local, len(order)))]
 
     def _indices(self) -> Iterator[tuple[RowGroup, int, Augment]]:
@@ -409,8 +424,9 @@ class TrainStream:
         skip = self.start_sample
         for epoch in itertools.count():
             for group in self._epoch_groups(epoch):
-                if skip >= group.num_rows:
-                    skip -= group.num_rows
+                kept = self._kept(group)
+                if skip >= kept:  # an excluded group (kept 0) is never read
+                    skip -= kept
                     continue
                 skip = 0
                 yield group
@@ -473,19 +489,26 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     size: tuple[int, int] | None = None,
+    rows: Collection[int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Every row of the split once (this rank's share: row groups g with g % world_size == rank), in file order, with
-    each row's index in the split (`index`).
+    each row's index in the split (`index`); only the row indices in `rows` where given (groups without one are not
+    read).
 
     Images are resized to `size` (the resolution the model segments at); labels keep their full resolution, because
     evaluation is at label resolution. A batch only holds samples of one image size.
     """
     reader = _RowGroupReader(columns)
     batch: list[dict[str, torch.Tensor]] = []
+    wanted = None if rows is None else frozenset(rows)
     for index, group in enumerate(row_groups(files)):
         if index % world_size != rank:
             continue
+        if wanted is not None and wanted.isdisjoint(range(group.offset, group.offset + group.num_rows)):
+            continue
         for position, row in enumerate(reader.rows(group)):
+            if wanted is not None and group.offset + position not in wanted:
+                continue
             sample = decode_sample(row, num_classes, size, flip=False, resize_label=False)
             sample["index"] = torch.tensor(group.offset + position, dtype=torch.int64)
             if batch and _shapes(batch[0]) != _shapes(sample):

@@ -8,6 +8,7 @@ validation split, plus the resize policy. Evaluation is always at the full label
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from platform.datasets import (
     join,
     read_manifest,
     resolve_root,
+    split_files,
 )
 
 
@@ -295,8 +297,36 @@ def repair_command(manifest: Manifest, out: str) -> str:
     return " ".join(["python -m platform.data convert", source["converter"], source["source"], out, *flags])
 
 
-def runtime_info(task: Task, data_root: str) -> TaskInfo:
-    """The task's TaskInfo with the sizes of its training splits, read from the prepared datasets' manifests."""
+def held_out(sample_id: str, fraction: float) -> bool:
+    """Whether a source sample is in the source-validation slice: the first 8 bytes of SHA-256(id), as a fraction of
+    2^64, fall below `fraction`. A pure function of the sample's id: the same on every machine, seed, worker count
+    and shard layout, and nested (the slice of a smaller fraction lies inside that of a larger one)."""
+    digest = hashlib.sha256(sample_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def source_validation_rows(task: Task, data_root: str, fraction: float) -> tuple[int, ...]:
+    """The row indices (in `task.source_train`, the labelled source split) of the source-validation slice: held out
+    from training and scored as `val_source/*` at every evaluation (`--source-val FRACTION`; 0: none). Only the
+    labelled split is split: rows of `source_weak` have no pixel labels to score. ValueError if the slice would be
+    empty or the whole split."""
+    if not fraction:
+        return ()
+    from platform.stream import row_ids  # pyarrow: only where a slice is asked for
+
+    ids = row_ids(split_files(data_root, task.source_train.dataset, task.source_train.split))
+    rows = tuple(i for i, sample_id in enumerate(ids) if held_out(sample_id, fraction))
+    if not rows or len(rows) == len(ids):
+        raise ValueError(
+            f"--source-val {fraction:g} holds out {len(rows)} of the {len(ids)} source training images of "
+            f"{task.name}; choose a fraction that leaves images on both sides, e.g. --source-val 0.1"
+        )
+    return rows
+
+
+def runtime_info(task: Task, data_root: str, source_val: float = 0.0) -> TaskInfo:
+    """The task's TaskInfo with the sizes of its training splits, read from the prepared datasets' manifests
+    (`source_train_size` without the source-validation slice of `source_val`, so that epochs count trained images)."""
 
     def count(split: Split) -> int:
         manifest = read_manifest(data_root, split.dataset)
@@ -308,7 +338,8 @@ def runtime_info(task: Task, data_root: str) -> TaskInfo:
 
     return dataclasses.replace(
         task.info,
-        source_train_size=sum(count(split) for split in task.source_splits),
+        source_train_size=sum(count(split) for split in task.source_splits)
+        - len(source_validation_rows(task, data_root, source_val)),
         target_train_size=count(task.target_train),
     )
 

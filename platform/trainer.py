@@ -128,6 +128,7 @@ def build_trainer(
     tracking: Mapping[str, str] | None = None,
     max_failures: int = 0,
     sync_batchnorm: bool = False,
+    source_val: float = 0.0,
 ) -> TorchTrainer:
     """A ready TorchTrainer running `method` on `task` (default: the method's default task).
 
@@ -136,7 +137,7 @@ def build_trainer(
     existing MLflow run. Synthetic task data is generated here if missing; a missing real dataset raises
     DatasetNotFoundError with the command that prepares it.
     """
-    resolved = config_module.resolve(method, task, overrides, max_steps, eval_every)
+    resolved = config_module.resolve(method, task, overrides, max_steps, eval_every, source_val)
     data_root = resolve_root(data_root or tasks.default_data_root())
     tasks.prepare(resolved.task, data_root)
     spec = TrialSpec(
@@ -149,6 +150,7 @@ def build_trainer(
         data_root=data_root,
         threads=cpus_per_worker,
         sync_batchnorm=sync_batchnorm,
+        source_val=resolved.source_val,
     )
     name = name or f"{resolved.method.name}-{resolved.task.name}-seed{seed}"
     storage = storage_path or config_module.DEFAULT_STORAGE

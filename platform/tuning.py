@@ -79,6 +79,7 @@ class TrialTemplate:
     precision: str = "fp32"  # --precision: fp32 | bf16 | fp16 (loop.TrialSpec.precision)
     # Tune's CheckpointConfig.num_to_keep (None under PBT; loop.TrialSpec)
     checkpoints_kept: int | None = checkpoints.KEPT
+    source_val: float = 0.0  # --source-val (loop.TrialSpec.source_val)
 
 
 @ray.remote(num_cpus=0)
@@ -155,7 +156,7 @@ def trial_steps(template: TrialTemplate, hp: Mapping[str, Any]) -> list[int]:
 
     method = methods.get(template.method)
     values = methods.make_hyperparams(method, hp)
-    info = tasks.runtime_info(tasks.get(template.task), template.data_root)
+    info = tasks.runtime_info(tasks.get(template.task), template.data_root, template.source_val)
     return budgets.stage_steps(method.stages(values), info, values.batch_size, template.workers, template.max_steps)
 
 
@@ -219,6 +220,7 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
         "eval_every": template.eval_every or "",
         "workers": template.workers,
         "precision": template.precision,
+        "source_val": template.source_val,
     }
     tags = tags_for(template.method, template.task, seed, template.code_version, template.fingerprints)
     defaults = is_defaults(config["hp"], {**template.defaults, **template.base})
@@ -252,6 +254,7 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
         tracked_hyperparams=tuple(template.tracked),
         precision=template.precision,
         checkpoints_kept=template.checkpoints_kept,
+        source_val=template.source_val,
         store_root=os.path.join(
             template.store_root or os.path.join(os.path.dirname(template.storage_path), "stores"), trial_id
         ),

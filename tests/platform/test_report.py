@@ -122,7 +122,7 @@ def test_selection_rules_pick_by_their_own_data():
     )
     assert report.select(rows, report.RULES["defaults"]).score.mean == 42.0
     missing = report.select(rows, report.RULES["source-val"])
-    assert missing.configuration is None and "source-validation slice" in missing.reason
+    assert missing.configuration is None and "--source-val" in missing.reason
     with_source = [run(0, 40.0, 41.0, metrics={SOURCE_VAL: 70.0}), run(0, 45.0, 46.0, confidence_guided=False)]
     with_source[1] = RunRecord(**{**with_source[1].__dict__, "metrics": {LAST: 45.0, BEST: 46.0, SOURCE_VAL: 60.0}})
     rows = report.group_runs(with_source, swept, TABLE1, DEFAULTS)

@@ -1,7 +1,8 @@
-"""A tiny grid sweep (3 points x 2 seeds, 6 steps) against a real `mlflow server` on 127.0.0.1, checked through the
-REST client: the parent run holds the report (description, metrics, artifacts), the children are named by their
-swept values with the defaults trial tagged, datasets are inputs, system metrics and prediction grids are logged,
-and `platform.report` over HTTP prints the same table as over the server's SQLite file."""
+"""A tiny grid sweep (3 points x 2 seeds, 6 steps, a source-validation slice) against a real `mlflow server` on
+127.0.0.1, checked through the REST client: the parent run holds the report (description, metrics, artifacts), the
+children are named by their swept values with the defaults trial tagged, datasets are inputs, system metrics and
+prediction grids are logged, the source-val rule has a pick, and `platform.report` over HTTP prints the same table as
+over the server's SQLite file."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_sweep_report_on_the_parent_run_and_the_same_table_over_http_and_sqlite(
     env = dict(subprocess_env, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     sweep = [python(), "-m", "platform.sweep", "source_only", "--task", "synthetic-urban", "--grid", "lr"]
     sweep += ["--seeds", "0,1", "--max-steps", "6", "--eval-every", "3", "--name", "tiny", "--tracking-uri", server]
-    sweep += ["--storage-path", str(tmp_path / "results")]
+    sweep += ["--storage-path", str(tmp_path / "results"), "--source-val", "0.25"]
     out = subprocess.run(sweep, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "workflowType=machine_learning" in out.stdout and "step 6/6" in out.stdout
@@ -89,6 +90,11 @@ def test_sweep_report_on_the_parent_run_and_the_same_table_over_http_and_sqlite(
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/report.csv", "report/report.json"} <= artifacts
     assert "report/plots" in artifacts  # a 1-D product grid: the sensitivity lines
+    # --source-val: every trial scores the held-out source slice, and the source-val rule has a pick
+    assert all("val_source/miou" in c.data.metrics and c.data.params["source_val"] == "0.25" for c in children)
+    assert parent.data.params["sweep.source_val"] == "0.25"
+    (source_val_row,) = [line for line in note.splitlines() if line.startswith("| source-val |")]
+    assert "learning_rate=" in source_val_row or "defaults" in source_val_row
 
     names = sorted(c.info.run_name for c in children)
     assert names[0].startswith("defaults · seed 0 · ") and names[-1].startswith("learning_rate=0.03 · seed 1 · ")

@@ -1,0 +1,130 @@
+"""The source-validation slice (`--source-val`): a hashed, deterministic part of the labelled source training split
+that no stream trains on and every evaluation scores as `val_source/*` (issue 18 item 2: the report's source-val
+rule selects by it)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from platform import tasks
+from platform.datasets import read_manifest, split_files
+from platform.loop import DataFeed, LocalSession, TrialRunner, TrialSpec
+from platform.metrics import confusion_matrix, segmentation_metrics
+from platform.stream import TrainStream, decode_sample, eval_batches, row_groups, row_ids
+
+URBAN = tasks.get("synthetic-urban")
+
+
+def test_held_out_compares_the_ids_hash_with_the_fraction():
+    # SHA-256("abc") = ba7816bf 8f01cfea ... (the FIPS 180-2 test vector): 0xba7816bf8f01cfea / 2^64 = 0.728395
+    assert tasks.held_out("abc", 0.7284) and not tasks.held_out("abc", 0.7283)
+    ids = [f"sample-{i:05d}" for i in range(4000)]
+    small = {i for i in ids if tasks.held_out(i, 0.05)}
+    large = {i for i in ids if tasks.held_out(i, 0.2)}
+    assert small < large  # nested: a smaller fraction's slice lies inside a larger one's
+    assert 720 <= len(large) <= 880  # 800 expected, binomial sd 25
+    assert not any(tasks.held_out(i, 0.0) for i in ids)
+
+
+def test_the_slice_is_the_rows_whose_ids_are_held_out(data_root):
+    tasks.prepare(URBAN, data_root)
+    ids = row_ids(split_files(data_root, "synthetic-urban-source", "train"))
+    rows = tasks.source_validation_rows(URBAN, data_root, 0.25)
+    assert rows == tuple(i for i, sample_id in enumerate(ids) if tasks.held_out(sample_id, 0.25))
+    assert 0 < len(rows) < len(ids)
+    full = read_manifest(data_root, "synthetic-urban-source").splits["train"].count
+    assert tasks.runtime_info(URBAN, data_root, 0.25).source_train_size == full - len(rows)
+    with pytest.raises(ValueError, match="holds out 0 of the"):
+        tasks.source_validation_rows(URBAN, data_root, 1e-9)
+
+
+def _stream(files, **kwargs):
+    return TrainStream(files, ["image", "label"], batch_size=4, num_classes=7, seed=0, **kwargs)
+
+
+def test_a_stream_never_draws_an_excluded_row_and_draws_every_other_once_per_epoch(data_root):
+    tasks.prepare(URBAN, data_root)
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    groups = row_groups(files)
+    # a hashed slice plus every row of the second row group (a group the stream must skip entirely)
+    first = groups[1]
+    exclude = set(tasks.source_validation_rows(URBAN, data_root, 0.25)) | set(
+        range(first.offset, first.offset + first.num_rows)
+    )
+    stream = _stream(files, exclude=exclude)
+    total = sum(g.num_rows for g in groups)
+    kept = total - len(exclude)
+    assert stream.num_samples == kept
+    for epoch in range(2):
+        drawn = [g.offset + row for g, row, _ in stream._epoch_order(epoch)]
+        assert sorted(drawn) == sorted(set(range(total)) - exclude)
+    # the row groups the reader is told to read ahead are the ones the samples come from, from any start
+    for start in (0, 5, kept + 3):
+        resumed = _stream(files, exclude=exclude, start_sample=start)
+        read = [g for g, _ in itertools.groupby(g for g, _, _ in itertools.islice(resumed._indices(), 3 * kept))]
+        assert first not in read
+        assert list(itertools.islice(resumed._group_sequence(), len(read))) == read
+    # decoded batches: the indices of the straight stream, and a resumed one continues it
+    straight = [next(b) for b in [iter(stream)] for _ in range(kept // 4 + 3)]
+    indices = torch.cat([b["index"] for b in straight]).tolist()
+    assert not set(indices) & exclude
+    resumed = iter(_stream(files, exclude=exclude, start_sample=8))
+    assert torch.equal(next(resumed)["index"], straight[2]["index"])
+
+
+def test_eval_batches_read_exactly_the_given_rows(data_root):
+    tasks.prepare(URBAN, data_root)
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    rows = tasks.source_validation_rows(URBAN, data_root, 0.25)
+    seen = [
+        i
+        for rank in range(2)
+        for batch in eval_batches(files, ["image", "label"], 16, 7, rank=rank, world_size=2, rows=rows)
+        for i in batch["index"].tolist()
+    ]
+    assert sorted(seen) == list(rows)
+
+
+def test_a_trial_trains_without_its_slice_and_scores_it_as_val_source(data_root):
+    spec = TrialSpec(
+        method="source_only",
+        task="synthetic-urban",
+        hyperparams={"architecture": "tiny", "batch_size": 8},
+        seed=0,
+        max_steps=3,
+        eval_every=3,
+        data_root=data_root,
+        source_val=0.25,
+    )
+    session = LocalSession()
+    runner = TrialRunner(spec, session)
+    trial = runner.trial
+    holdout = tasks.source_validation_rows(URBAN, data_root, 0.25)
+    assert trial.source_holdout == holdout
+    full = read_manifest(data_root, "synthetic-urban-source").splits["train"].count
+    assert trial.info.source_train_size == full - len(holdout)
+    # more than an epoch of the loop's own source stream: no held-out image among them
+    feed = DataFeed(trial, trial.stages[0], runner.progress)
+    drawn = {int(i) for _ in range(full // 8 + 2) for i in next(feed.source)["index"]}
+    assert not drawn & set(holdout) and len(drawn) == full - len(holdout)
+    metrics = runner.run()
+    # an independent recomputation over the held-out ids, read straight from the shards
+    ids = set(row_ids(trial.files["source_val"]))
+    held = {i for i in ids if tasks.held_out(i, 0.25)}
+    matrix = torch.zeros(7, 7, dtype=torch.int64)
+    with torch.no_grad():
+        trial.modules.eval()
+        for path in trial.files["source_val"]:
+            for row in pq.read_table(path, columns=["id", "image", "label"]).to_pylist():
+                if row["id"] in held:
+                    sample = decode_sample(row, 7, None, flip=False)
+                    logits = trial.method.predict(trial.hp, trial.modules, sample["image"][None], trial.positions[-1])
+                    matrix += confusion_matrix(logits.argmax(1), sample["label"][None], 7, 255)
+    expected = segmentation_metrics(matrix, trial.info.class_names, "val_source")
+    assert metrics["val_source/miou"] == pytest.approx(expected["val_source/miou"], abs=1e-9)
+    assert session.reports[-1]["val_source/miou"] == metrics["val_source/miou"]
+    assert metrics["val_source/miou"] != pytest.approx(metrics["val_target/miou"])
