@@ -300,6 +300,7 @@ def probe_costs(plan: Plan, stage_steps: Sequence[int]) -> Costs | None:
                 seconds[stage.name] = _time_stage(trial, index, optimisers, state, images, labels)
         step_s = sum(seconds[s.name] * n for s, n in zip(trial.stages, stage_steps)) / max(1, sum(stage_steps))
         val_count = read_manifest(plan.data_root, resolved.task.target_val.dataset).splits["val"].count
+        val_count += len(trial.source_holdout)  # --source-val: scored at every evaluation as well
         eval_images = torch.rand(16, trial.info.in_channels, height, width, generator=generator)
         started = time.perf_counter()
         with loop.all_eval(trial.modules):
@@ -371,6 +372,12 @@ def describe(plan: Plan, costs: Costs | None, concurrency: int, stage_steps: Seq
         f"  {plan.args.workers} worker(s) per trial ({RUNNER_WORDS[plan.runner]}), {concurrency} trial(s) at a time",
         f"  stages: {_stage_words(plan, stage_steps)}",
     ]
+    if resolved.source_val:
+        held = len(tasks.source_validation_rows(resolved.task, plan.data_root, resolved.source_val))
+        lines.append(
+            f"  source validation: {held} source training images held out (--source-val {resolved.source_val:g}), "
+            "scored at every evaluation as val_source/*"
+        )
     if costs is not None:
         at_once = min(concurrency, sweep.num_trials)
         busy = at_once * plan.args.workers * plan.args.cpus_per_worker >= (os.cpu_count() or 1)

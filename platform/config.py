@@ -111,7 +111,7 @@ def trial_steps(resolved: Resolved, point: Mapping[str, Any], data_root: str, wo
     hp = check_hyperparams(resolved.method, {**resolved.base, **point})
     try:
         info = tasks.runtime_info(resolved.task, data_root, resolved.source_val)
-    except ValueError as error:  # a source-validation slice that is empty or the whole split
+    except tasks.SourceValidationError as error:
         raise UsageError(str(error)) from None
     try:
         return budgets.stage_steps(resolved.method.stages(hp), info, hp.batch_size, workers, resolved.max_steps)

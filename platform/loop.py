@@ -784,7 +784,7 @@ class Evaluator:
             )["image"]
             source = [
                 decode_sample(row, trial.info.num_classes, trial.task.source_size, flip=False)["image"]
-                for row in first_rows(trial.files["source_train"], ["image"], count)
+                for row in first_rows(trial.files["source_train"], ["image"], count, skip=trial.source_holdout)
             ]
             self._sample_images = SampleImages(
                 target=target.to(trial.device), source=torch.stack(source).to(trial.device)

@@ -132,7 +132,9 @@ class LungMetrics:
         self.rows.append(row)
 
     def tensor(self) -> Tensor:
-        return torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.rows), -1)
+        # the width from the classes, not the rows: a worker that scored no image still gathers a (0, width) tensor
+        width = len(LUNG_METRICS) * (len(self.class_names) - 1)
+        return torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.rows), width)
 
     def summarise(self, rows: Tensor, prefix: str) -> dict[str, float]:
         out = {}

@@ -773,6 +773,8 @@ def task_report(task: str, runs: Sequence[RunRecord], rule: Rule, defaults: Mapp
             )
             varied = {k: v for k, v in values.items() if str(defaults.get(method, {}).get(k)) != v}
             label = "defaults" if is_default else (" ".join(f"{k}={v}" for k, v in varied.items()) or "defaults")
+            if params.get("source_val"):  # trained without a held-out source slice: not the same training data
+                label += f" (source_val={params['source_val']})"
             finished = [r for r in group if r.status == "FINISHED"]
             configurations.append(
                 Configuration(

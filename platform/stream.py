@@ -87,6 +87,14 @@ def row_ids(files: Sequence[str]) -> list[str]:
     return ids
 
 
+def labelled_rows(files: Sequence[str]) -> list[bool]:
+    """Whether each row of a split has a pixel label (rows with image-level labels only have none), by row index."""
+    labelled: list[bool] = []
+    for path in files:
+        labelled.extend(_open(path).read(columns=["label"]).column("label").is_valid().to_pylist())
+    return labelled
+
+
 @dataclass(frozen=True)
 class Augment:
     """Per-sample augmentation parameters, drawn with the epoch order (so that a resumed stream redraws them)."""
@@ -471,11 +479,12 @@ class TrainStream:
             self.reader.close()
 
 
-def first_rows(files: Sequence[str], columns: Sequence[str], count: int) -> list[dict]:
-    """The first `count` rows of a split, in file order."""
-    reader, rows = _RowGroupReader(columns), []
+def first_rows(files: Sequence[str], columns: Sequence[str], count: int, skip: Collection[int] = ()) -> list[dict]:
+    """The first `count` rows of a split, in file order, without the row indices in `skip`."""
+    reader, rows, skip = _RowGroupReader(columns), [], frozenset(skip)
     for group in row_groups(files):
-        rows.extend(reader.rows(group)[: count - len(rows)])
+        kept = [row for i, row in enumerate(reader.rows(group)) if group.offset + i not in skip]
+        rows.extend(kept[: count - len(rows)])
         if len(rows) >= count:
             break
     return rows

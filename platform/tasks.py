@@ -8,6 +8,7 @@ validation split, plus the resize policy. Evaluation is always at the full label
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
@@ -305,23 +306,40 @@ def held_out(sample_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
+class SourceValidationError(ValueError):
+    """A `--source-val` fraction whose slice is empty or the whole split: bad input (one line, exit code 2)."""
+
+
 def source_validation_rows(task: Task, data_root: str, fraction: float) -> tuple[int, ...]:
     """The row indices (in `task.source_train`, the labelled source split) of the source-validation slice: held out
-    from training and scored as `val_source/*` at every evaluation (`--source-val FRACTION`; 0: none). Only the
-    labelled split is split: rows of `source_weak` have no pixel labels to score. ValueError if the slice would be
-    empty or the whole split."""
+    from training and scored as `val_source/*` at every evaluation (`--source-val FRACTION`; 0: none). Only images
+    with pixel labels are held out: those of `source_weak`, and rows of the labelled split that carry image-level
+    labels only (the endoscopy converter's unmasked gastroscope images), have nothing to score and stay in training.
+    Read once per process and dataset version (the ids, and the label column where a task has such rows).
+    SourceValidationError if the slice would be empty or the whole split."""
     if not fraction:
         return ()
-    from platform.stream import row_ids  # pyarrow: only where a slice is asked for
+    fingerprint = read_manifest(data_root, task.source_train.dataset).fingerprint
+    return _source_validation_rows(task.name, data_root, fraction, fingerprint)
 
-    ids = row_ids(split_files(data_root, task.source_train.dataset, task.source_train.split))
-    rows = tuple(i for i, sample_id in enumerate(ids) if held_out(sample_id, fraction))
+
+@functools.lru_cache(maxsize=32)
+def _source_validation_rows(task_name: str, data_root: str, fraction: float, fingerprint: str) -> tuple[int, ...]:
+    from platform.stream import labelled_rows, row_ids  # pyarrow: only where a slice is asked for
+
+    task = get(task_name)
+    files = split_files(data_root, task.source_train.dataset, task.source_train.split)
+    ids = row_ids(files)
+    rows = [i for i, sample_id in enumerate(ids) if held_out(sample_id, fraction)]
+    if task.info.source_image_labels:
+        labelled = labelled_rows(files)
+        rows = [i for i in rows if labelled[i]]
     if not rows or len(rows) == len(ids):
-        raise ValueError(
+        raise SourceValidationError(
             f"--source-val {fraction:g} holds out {len(rows)} of the {len(ids)} source training images of "
             f"{task.name}; choose a fraction that leaves images on both sides, e.g. --source-val 0.1"
         )
-    return rows
+    return tuple(rows)
 
 
 def runtime_info(task: Task, data_root: str, source_val: float = 0.0) -> TaskInfo:

@@ -220,7 +220,8 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
         "eval_every": template.eval_every or "",
         "workers": template.workers,
         "precision": template.precision,
-        "source_val": template.source_val,
+        # only where a slice is held out, so that runs without one still pool with runs from before the flag
+        **({"source_val": template.source_val} if template.source_val else {}),
     }
     tags = tags_for(template.method, template.task, seed, template.code_version, template.fingerprints)
     defaults = is_defaults(config["hp"], {**template.defaults, **template.base})

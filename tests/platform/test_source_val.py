@@ -128,3 +128,63 @@ def test_a_trial_trains_without_its_slice_and_scores_it_as_val_source(data_root)
     assert metrics["val_source/miou"] == pytest.approx(expected["val_source/miou"], abs=1e-9)
     assert session.reports[-1]["val_source/miou"] == metrics["val_source/miou"]
     assert metrics["val_source/miou"] != pytest.approx(metrics["val_target/miou"])
+
+
+def test_an_empty_lung_worker_still_gathers_a_tensor_of_the_right_width():
+    from platform.metrics import LUNG_METRICS, LungMetrics
+
+    lungs = LungMetrics(("background", "left_lung", "right_lung"))
+    assert lungs.tensor().shape == (0, 2 * len(LUNG_METRICS))
+
+
+def _evaluate_cxr_slice(rank: int, world_size: int, init_file: str, data_root: str, rows: tuple, out: str) -> None:
+    """Score `rows` of synthetic-cxr's source split with a seeded tiny source_only model, on `world_size` workers."""
+    import os
+
+    import torch.distributed as dist
+
+    import methods
+    from platform import loop
+
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    task = tasks.get("synthetic-cxr")
+    method = methods.get("source_only")
+    hp = methods.make_hyperparams(method, {"architecture": "tiny"})
+    info = tasks.runtime_info(task, data_root)
+    torch.manual_seed(0)
+    modules = method.build(hp, info)
+    position = loop.stage_positions(tuple(method.stages(hp)))[-1]
+    files = split_files(data_root, "synthetic-cxr-source", "train")
+    metrics = loop.evaluate_split(
+        method, hp, modules, task, files, position, 4, rank, world_size, torch.device("cpu"), "val_source", rows=rows
+    )
+    if rank == 0:
+        torch.save(metrics, out)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)  # as tests/platform/test_distributed.py: no gloo teardown at exit
+
+
+def test_two_workers_score_a_slice_that_one_of_them_holds_no_row_of(data_root, tmp_path):
+    """eval_batches gives rank r the row groups g % 2 == r: a slice inside group 0 leaves rank 1 with no image. Both
+    still meet in the confusion matrix's all-reduce and the lung scores' all-gather, and agree with one worker."""
+    import torch.multiprocessing as mp
+
+    tasks.prepare(tasks.get("synthetic-cxr"), data_root)
+    group = row_groups(split_files(data_root, "synthetic-cxr-source", "train"))[0]
+    rows = tuple(range(group.offset, group.offset + min(3, group.num_rows)))
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    _evaluate_cxr_slice(0, 1, "", data_root, rows, one)
+    mp.start_processes(
+        _evaluate_cxr_slice,
+        args=(2, str(tmp_path / "init"), data_root, rows, two),
+        nprocs=2,
+        start_method="spawn",
+    )
+    single, pair = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert "val_source/dice/left_lung" in single
+    assert single.keys() == pair.keys()
+    for key, value in single.items():
+        assert pair[key] == pytest.approx(value, nan_ok=True), key
