@@ -188,3 +188,30 @@ def test_two_workers_score_a_slice_that_one_of_them_holds_no_row_of(data_root, t
     assert single.keys() == pair.keys()
     for key, value in single.items():
         assert pair[key] == pytest.approx(value, nan_ok=True), key
+
+
+def test_images_with_image_level_labels_only_are_never_held_out(tmp_path):
+    """The endoscopy source split mixes masked gastroscope images and images with image-level labels only (SLRT's
+    weak source images): only masked ones can be scored, so only they are held out; the others keep training."""
+    import numpy as np
+
+    from tests.platform.test_converters import _convert, _png, _rgb
+
+    source = tmp_path / "gastroscope"
+    masked = [f"m{i:02d}" for i in range(8)]
+    weak = [f"w{i:02d}" for i in range(8)]
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 2:5] = 1
+    for name in masked + weak:
+        _png(source / "images" / "train" / f"{name}.png", _rgb(8, 8))
+    for name in masked:
+        _png(source / "masks" / "train" / f"{name}.png", mask)
+    (source / "image_labels.csv").write_text("image,lesion\n" + "".join(f"{n}.png,1\n" for n in weak))
+    _convert("endoscopy", source, tmp_path / "data" / "endoscopy-gastroscope")
+    root, task = str(tmp_path / "data"), tasks.get("endoscopy")
+    files = split_files(root, "endoscopy-gastroscope", "train")
+    ids = row_ids(files)
+    hashed = {i for i, sample_id in enumerate(ids) if tasks.held_out(sample_id, 0.5)}
+    assert {ids[i][0] for i in hashed} == {"m", "w"}  # the hash alone would take both kinds
+    rows = tasks.source_validation_rows(task, root, 0.5)
+    assert set(rows) == {i for i in hashed if ids[i].startswith("m")}
