@@ -14,12 +14,13 @@ Three stages (Fig. 2), plus the source model that stage 1's semantic loss needs:
    paper translates the source set once, "X_I consists of G(x_s)"; the same images up to the order of the task's
    resize/flip and the translation, with no dataset to store). Measured at the paper's size on 2 CPU threads
    (`python benchmarks/cirn_translation.py`: G on a 1280x720 source image 8.8 s of an 81.5 s stage-2 step, 0.108),
-   so a precomputed X_I would save at most a tenth of stage 2; on a GPU the share is unmeasured. Encoder E and classifier C (DeepLab-v2 ResNet-101
-   "pretrained on ImageNet": a paper task needs `--set backbone_weights=...`, `Method.imagenet_backbone`; C its
-   ASPP), the ACM (K attention modules around a second classifier, whose weights are copied from C when the
-   stage starts), L_seg on softmax(z_C + z_ACM) (Eq. 6), the pixel-weighted adversarial loss with weights
-   λ_cos·R + ε, R the cosine distance of C's and ACM's softmax maps on target pixels (Eq. 7), CLAN's weight
-   discrepancy loss, and the five-convolution output-space D. Segmenter: SGD 2.5e-4, momentum 0.9, weight decay
+   so a precomputed X_I would save at most a tenth of stage 2; on a GPU the share is unmeasured. Encoder E and
+   classifier C (DeepLab-v2 ResNet-101, a fresh one: not S of stage 1; "pretrained on ImageNet": a paper task
+   needs `--set backbone_weights=...`, `Method.imagenet_backbone`; C its ASPP), the ACM (K attention modules
+   around a second classifier, whose weights are copied from C when the stage starts), L_seg on
+   softmax(z_C + z_ACM) (Eq. 6), the pixel-weighted adversarial loss with weights λ_cos·R + ε, R the cosine
+   distance of C's and ACM's softmax maps on target pixels (Eq. 7), CLAN's weight discrepancy loss, and the
+   five-convolution output-space D. Segmenter: SGD 2.5e-4, momentum 0.9, weight decay
    5e-4, poly; D: Adam 1e-4, betas (0.9, 0.99). 100,000 iterations at batch 1.
 3. `self_train` (Eq. 9): cross-entropy on target pseudo labels from the stage-2 model, same optimiser as stage 2.
 
