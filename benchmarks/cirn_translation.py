@@ -8,7 +8,9 @@ the paper defaults (DeepLab-v2 ResNet-101, batch 1, the CycleGAN G with 64 filte
 gta5-cityscapes sizes: source 1280x720, target 1024x512 (tasks.py). The share of the step is what a precomputed
 dataset would save, at most.
 
-    python benchmarks/cirn_translation.py [--device cpu|cuda] [--threads 2] [--repeats 3] [--size 720x1280]
+    python benchmarks/cirn_translation.py [--device cpu|cuda] [--threads 2] [--repeats 3] [--size HxW]
+
+(`--size` sets both images to HxW, for a quick check at a small size.)
 
 Random weights and images: the cost of a forward pass does not depend on their values.
 """
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed alternations (after one warm-up of each)")
-    parser.add_argument("--size", default=None, help="source HxW (default: gta5-cityscapes' 720x1280)")
+    parser.add_argument(
+        "--size", default=None, help="source and target HxW (default: gta5-cityscapes' 720x1280 and 512x1024)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -9,7 +9,8 @@ Each seed trains in its own process through the platform's loop (as benchmarks/m
 task defaults, `--set` on top), with an in-memory logger in place of MLflow, evaluated every `--every` steps. Printed
 per seed: target mIoU and lesion IoU at each evaluation, beside the means of the logged step metrics over the
 window before it (the lesion's Eq. 5 threshold λ, the pseudo-labelled fraction of target pixels, the SRT loss and
-centroid distance, S1's target accuracy).
+centroid distance, S1's target accuracy). The lesion and λ columns name the endoscopy tasks' classes; on another
+task they stay empty.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ Three stages (Fig. 2), plus the source model that stage 1's semantic loss needs:
 2. `adapt` (Eq. 6-8): the CIR images x_i = G(x_s) are translated on the fly by the frozen G in every step (the
    paper translates the source set once, "X_I consists of G(x_s)"; the same images up to the order of the task's
    resize/flip and the translation, with no dataset to store). Measured at the paper's size on 2 CPU threads
-   (`python benchmarks/cirn_translation.py`: G on a 1280x720 source image 8.8 s of an 81.5 s stage-2 step, 0.108),
-   so a precomputed X_I would save at most a tenth of stage 2; on a GPU the share is unmeasured. Encoder E and
+   (`python benchmarks/cirn_translation.py --repeats 2`: G on a 1280x720 source image 8.8 s of an 81.5 s stage-2
+   step, 0.108), so a precomputed X_I would save at most a tenth of stage 2; on a GPU the share is unmeasured. Encoder E and
    classifier C (DeepLab-v2 ResNet-101, a fresh one: not S of stage 1; "pretrained on ImageNet": a paper task
    needs `--set backbone_weights=...`, `Method.imagenet_backbone`; C its ASPP), the ACM (K attention modules
    around a second classifier, whose weights are copied from C when the stage starts), L_seg on

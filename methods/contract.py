@@ -80,7 +80,9 @@ class TaskInfo:
     ignore_index: int = 255
     target_image_labels: bool = False  # target training rows carry image-level labels (Batch.target_image_label)
     source_image_labels: bool = False  # source training rows carry image-level labels (Batch.source_image_label)
-    source_train_size: int = 0  # rows of the source training split(s), pixel- and image-labelled together
+    # rows of the source training split(s), pixel- and image-labelled together, that the trial trains on (without a
+    # --source-val slice)
+    source_train_size: int = 0
     target_train_size: int = 0  # rows of the target training split
 
     def split_size(self, split: Split) -> int:

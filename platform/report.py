@@ -22,7 +22,7 @@ depends on the data allowed to pick it. Every report shows, for each rule, the p
   trained on and used to select), scored at its last checkpoint;
 - `defaults`: the paper-default configuration's last checkpoint (no selection at all).
 `--task TASK` compares every method's runs on one task under one rule (named in the table), with flags where rows are
-not comparable (different budget, backbone or seeds).
+not comparable (different budget, backbone, seeds or held-out source slice).
 
 Everything here is pure functions over `RunRecord`s (tested on hand-made records); only `load_*` and `main` talk to
 MLflow, through `MlflowClient` with explicit run ids.
@@ -773,7 +773,7 @@ def task_report(task: str, runs: Sequence[RunRecord], rule: Rule, defaults: Mapp
             )
             varied = {k: v for k, v in values.items() if str(defaults.get(method, {}).get(k)) != v}
             label = "defaults" if is_default else (" ".join(f"{k}={v}" for k, v in varied.items()) or "defaults")
-            if params.get("source_val"):  # trained without a held-out source slice: not the same training data
+            if params.get("source_val"):  # trained without its held-out source slice: other training data
                 label += f" (source_val={params['source_val']})"
             finished = [r for r in group if r.status == "FINISHED"]
             configurations.append(
@@ -796,6 +796,7 @@ def task_report(task: str, runs: Sequence[RunRecord], rule: Rule, defaults: Mapp
     steps_common = common([c.steps for _, c in chosen])
     arch_common = common([_architecture(c) for _, c in chosen])
     seeds_common = common([",".join(c.seeds) for _, c in chosen])
+    held_common = common([_source_val(c) for _, c in chosen])
     for method, configurations, selection in picks:
         pick = selection.configuration
         if pick is None:
@@ -808,6 +809,8 @@ def task_report(task: str, runs: Sequence[RunRecord], rule: Rule, defaults: Mapp
             flags.append(f"backbone {_architecture(pick)} (most rows: {arch_common})")
         if ",".join(pick.seeds) != seeds_common:
             flags.append(f"seeds {','.join(pick.seeds)} (most rows: {seeds_common})")
+        if _source_val(pick) != held_common:
+            flags.append(f"source held out {_source_val(pick)} (most rows: {held_common})")
         score = selection.score
         rows.append(
             [
@@ -842,7 +845,7 @@ def task_report(task: str, runs: Sequence[RunRecord], rule: Rule, defaults: Mapp
         rows,
         [
             f"one rule for every row: {rule.name}; mean ± sample std over seeds; a flag marks a row whose budget, "
-            "backbone or seeds differ from most rows",
+            "backbone, seeds or held-out source slice differ from most rows",
         ],
     )
     lines = [f"Comparison on {task}: every finished trial in the store whose task tag is {task}"]
@@ -851,6 +854,11 @@ def task_report(task: str, runs: Sequence[RunRecord], rule: Rule, defaults: Mapp
 
 def _architecture(configuration: Configuration) -> str:
     return ",".join(sorted({r.params.get("architecture", "?") for r in configuration.runs})) or "?"
+
+
+def _source_val(configuration: Configuration) -> str:
+    """The fraction of source images its runs held out (--source-val; "0" for none): other training data."""
+    return ",".join(sorted({r.params.get("source_val", "0") for r in configuration.runs})) or "0"
 
 
 # ---------------------------------------------------------------------------------------------- plots

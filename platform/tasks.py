@@ -331,13 +331,14 @@ def _source_validation_rows(task_name: str, data_root: str, fraction: float, fin
     files = split_files(data_root, task.source_train.dataset, task.source_train.split)
     ids = row_ids(files)
     rows = [i for i, sample_id in enumerate(ids) if held_out(sample_id, fraction)]
+    scoreable = len(ids)
     if task.info.source_image_labels:
         labelled = labelled_rows(files)
-        rows = [i for i in rows if labelled[i]]
-    if not rows or len(rows) == len(ids):
+        rows, scoreable = [i for i in rows if labelled[i]], sum(labelled)
+    if not rows or len(rows) == scoreable:
         raise SourceValidationError(
-            f"--source-val {fraction:g} holds out {len(rows)} of the {len(ids)} source training images of "
-            f"{task.name}; choose a fraction that leaves images on both sides, e.g. --source-val 0.1"
+            f"--source-val {fraction:g} holds out {len(rows)} of the {scoreable} pixel-labelled source training "
+            f"images of {task.name}; choose a fraction that leaves images on both sides, e.g. --source-val 0.1"
         )
     return tuple(rows)
 

@@ -44,7 +44,7 @@ CASES = [
     (["source_only", "--source-val", "1"], "--source-val must be a fraction in [0, 1), e.g. 0.1 (got 1)"),
     (["source_only", "--source-val", "x"], "argument --source-val: invalid float value: 'x'"),
     # a slice no image of the synthetic-urban source falls into (checked after the data is prepared)
-    (["source_only", "--source-val", "1e-9"], "--source-val 1e-09 holds out 0 of the"),
+    (["source_only", "--source-val", "1e-9"], "--source-val 1e-09 holds out 0 of the 800 pixel-labelled"),
 ]
 
 

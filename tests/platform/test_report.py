@@ -188,6 +188,12 @@ def test_task_comparison_flags_rows_that_are_not_comparable():
     oracle = report.task_report("synthetic-urban", runs, report.RULES["oracle"], defaults)
     assert {r[0]: r for r in oracle.tables[0].rows}["adaptsegnet"][1] == "lambda_adv=0.01"
     assert "rule: oracle" in oracle.tables[0].title
+    # cscl trained without a tenth of its source images (--source-val 0.1): named, and flagged
+    held = [trial("cscl", s, v, "200", source_val="0.1") for s, v in ((0, 48.0), (1, 50.0))]
+    rows = {r[0]: r for r in report.task_report("synthetic-urban", runs[2:6] + held, report.RULES["oracle"], defaults)
+            .tables[0].rows}  # fmt: skip
+    assert rows["cscl"][1] == "defaults (source_val=0.1)" and rows["cscl"][2] == "49.0 ± 1.4"
+    assert "source held out 0.1 (most rows: 0)" in rows["cscl"][-1] and rows["adaptsegnet"][-1] == "comparable"
 
 
 def test_renderers_agree_on_the_numbers():

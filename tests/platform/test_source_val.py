@@ -4,12 +4,14 @@ rule selects by it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+import search_spaces
 from platform import tasks
 from platform.datasets import read_manifest, split_files
 from platform.loop import DataFeed, LocalSession, TrialRunner, TrialSpec
@@ -93,16 +95,18 @@ def test_a_trial_trains_without_its_slice_and_scores_it_as_val_source(data_root)
     spec = TrialSpec(
         method="source_only",
         task="synthetic-urban",
-        hyperparams={"architecture": "tiny", "batch_size": 8},
+        hyperparams=dict(search_spaces.load("source_only").task_defaults["synthetic-urban"]),
         seed=0,
-        max_steps=3,
-        eval_every=3,
+        max_steps=30,  # enough for predictions that depend on the input size
+        eval_every=30,
         data_root=data_root,
         source_val=0.25,
     )
     session = LocalSession()
     runner = TrialRunner(spec, session)
     trial = runner.trial
+    # source images at another size than target ones (both native 64x128 here): the slice is segmented at this one
+    trial.task = dataclasses.replace(trial.task, source_size=(32, 64))
     holdout = tasks.source_validation_rows(URBAN, data_root, 0.25)
     assert trial.source_holdout == holdout
     full = read_manifest(data_root, "synthetic-urban-source").splits["train"].count
@@ -121,8 +125,9 @@ def test_a_trial_trains_without_its_slice_and_scores_it_as_val_source(data_root)
         for path in trial.files["source_val"]:
             for row in pq.read_table(path, columns=["id", "image", "label"]).to_pylist():
                 if row["id"] in held:
-                    sample = decode_sample(row, 7, None, flip=False)
+                    sample = decode_sample(row, 7, (32, 64), flip=False, resize_label=False)
                     logits = trial.method.predict(trial.hp, trial.modules, sample["image"][None], trial.positions[-1])
+                    logits = torch.nn.functional.interpolate(logits, size=(64, 128), mode="bilinear")
                     matrix += confusion_matrix(logits.argmax(1), sample["label"][None], 7, 255)
     expected = segmentation_metrics(matrix, trial.info.class_names, "val_source")
     assert metrics["val_source/miou"] == pytest.approx(expected["val_source/miou"], abs=1e-9)
