@@ -47,6 +47,9 @@ from platform.tracking import DEFAULTS_TAG, SWEPT_TAG, Tracker, TrialLogger, sys
 from platform.trainer import checkpoint_directory, trainer_for_spec
 
 MODE = "max"
+# ASHA's rungs, in evaluations (benchmarks/search_efficiency.py measures the choices)
+ASHA_GRACE_PERIOD = 1
+ASHA_REDUCTION_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -362,10 +365,13 @@ def scheduler(
     ranges: Mapping[str, tuple] | None = None,
     perturbable: tuple[str, ...] = (),
     seed: int = 0,
+    grace_period: int = ASHA_GRACE_PERIOD,
+    reduction_factor: float = ASHA_REDUCTION_FACTOR,
 ) -> ASHAScheduler | PopulationBasedTraining | None:
     """`reports`: the most evaluations a trial makes (Tune iterations; config.evaluations).
 
-    asha: stop weak trials at evaluation rungs (grace period 1, halving). pbt: Population Based Training (Jaderberg et
+    asha: stop weak trials at evaluation rungs (after `grace_period` evaluations, then every `reduction_factor`
+    times as many, keeping the top 1/`reduction_factor` at each rung). pbt: Population Based Training (Jaderberg et
     al. 2017) at every evaluation: a trial in the bottom quarter continues from the checkpoint of one in the top
     quarter with the `perturbable` hyperparameters perturbed (x0.8 or x1.2, or resampled from their RANGES with
     probability 0.25). Our checkpoints are Tune's (inline trials), so an exploit restores that trial's whole training
@@ -383,7 +389,9 @@ def scheduler(
             log_config=False,
             synch=False,
         )
-    return ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=1, reduction_factor=2)
+    return ASHAScheduler(
+        time_attr="training_iteration", max_t=reports, grace_period=grace_period, reduction_factor=reduction_factor
+    )
 
 
 def num_tune_samples(sweep: Sweep) -> int:

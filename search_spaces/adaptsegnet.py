@@ -18,6 +18,14 @@ GRIDS = {
     # Not from a figure of the papers here (AdaptSegNet's own paper is not in ../shared/papers): a log-spaced bracket
     # around the paper default 0.001, over one order of magnitude each way.
     "lambda_adv": {"lambda_adv": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]},
+    # Not from a paper: the grid benchmarks/search_efficiency.py trains in full (27 points x 3 seeds at 100 steps) to
+    # measure how much of its compute random search, TPE, ASHA and PBT need to find its best point; the segmenter's
+    # and the discriminator's learning rates and the adversarial weight, each a half decade around its default.
+    "search_efficiency": {
+        "learning_rate": [3e-3, 1e-2, 3e-2],
+        "lambda_adv": [1e-4, 1e-3, 1e-2],
+        "discriminator_learning_rate": [1e-5, 1e-4, 1e-3],
+    },
 }
 
 RANGES = {
