@@ -29,7 +29,8 @@ Three phases; the first and third train for real and are cached in --out, so a s
 Per strategy, over --repetitions search seeds: the anytime curve (after each trial ends, the configuration the sweep
 would name best so far, i.e. the one with the most evaluations and then the best mean observed mIoU over its ended
 trials, re-scored at full budget over the seeds) against cumulative training steps, and the compute each needs to
-come within the tolerance of the grid's best mean. The tolerance is the standard error of a difference between two
+come within the tolerance of the grid's best mean and stay there (a sweep stopped at any later point names a
+configuration within the tolerance). The tolerance is the standard error of a difference between two
 configurations' means over the seeds, s * sqrt(2 / n_seeds), with s the median over the grid's configurations of the
 sample standard deviation over seeds: a configuration closer than that to the best cannot be told from it by the
 grid itself.
@@ -52,6 +53,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from ray.tune import Callback
 
 import search_spaces
 from platform import config, tasks, tracking, tuning
@@ -189,20 +192,18 @@ def replay_trial(config_: dict[str, Any], curves: Mapping[str, list], pace: floa
         tune.report({PRIMARY_METRIC: value, "step": step})
 
 
-def ledger_callback() -> Any:
-    from ray.tune import Callback
+class Ledger(Callback):
+    """Driver side: every result and every trial's end, in the order Tune sees them (into `_EVENTS`, a module
+    global, so that whatever copy of the callback Tune keeps writes to the same ledger)."""
 
-    class Ledger(Callback):
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            _EVENTS.append(("result", trial.trial_id, trial.config, result["step"], result[PRIMARY_METRIC]))
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        _EVENTS.append(("result", trial.trial_id, trial.config, result["step"], result[PRIMARY_METRIC]))
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            _EVENTS.append(("complete", trial.trial_id, trial.config, None, None))
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _EVENTS.append(("complete", trial.trial_id, trial.config, None, None))
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            _EVENTS.append(("complete", trial.trial_id, trial.config, None, None))
-
-    return Ledger()
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _EVENTS.append(("complete", trial.trial_id, trial.config, None, None))
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,16 @@ class Run:
     configurations: int = 0
     final: str = ""
 
-    def to_tolerance(self, threshold: float) -> int | None:
-        return next((steps for steps, score in self.curve if score >= threshold), None)
+    def to_tolerance(self, threshold: float) -> tuple[int, int] | None:
+        """(compute, trials ended) after which the incumbent stays within the tolerance to the end of the run (None:
+        never)."""
+        reached = None
+        for ended, (steps, score) in enumerate(self.curve, start=1):
+            if score < threshold:
+                reached = None
+            elif reached is None:
+                reached = steps, ended
+        return reached
 
 
 def replay(
@@ -265,7 +274,7 @@ def replay(
                 max_concurrent_trials=SLOTS,
                 reuse_actors=True,
             ),
-            run_config=tune.RunConfig(storage_path=scratch, verbose=0, callbacks=[ledger_callback()]),
+            run_config=tune.RunConfig(storage_path=scratch, verbose=0, callbacks=[Ledger()]),
         )
         tuner.fit()
     return ledger_run(strategy.name, repetition, list(_EVENTS), truth)
@@ -337,7 +346,8 @@ def pbt(args: argparse.Namespace, task: str, repetition: int) -> dict[str, Any]:
 
 def strategies(asha_variants: bool) -> list[Strategy]:
     plain = [Strategy(s, s) for s in ("grid", "random", "tpe")]
-    asha = [Strategy(f"{s}+asha", s, (tuning.ASHA_GRACE_PERIOD, tuning.ASHA_REDUCTION_FACTOR)) for s in plain]
+    default_asha = (tuning.ASHA_GRACE_PERIOD, tuning.ASHA_REDUCTION_FACTOR)
+    asha = [Strategy(f"{s.name}+asha", s.search, default_asha) for s in plain]
     found = plain + asha
     if asha_variants:
         for grace, factor in ((2, 2), (1, 3), (2, 3), (3, 2)):
@@ -356,17 +366,19 @@ def summarise(runs: list[Run], truth: Truth, pbt_runs: list[dict[str, Any]], arg
         f"tolerance {truth.tolerance:.2f} (s * sqrt(2/{truth.seeds})), so within tolerance = mIoU >= {threshold:.2f}; "
         f"{sum(v >= threshold for v in truth.scores.values())} of {len(truth.scores)} configurations are",
         "",
-        "| strategy | compute to tolerance ÷ grid (median; per repetition) | reached | total compute ÷ grid | "
-        "final pick, re-scored (mean) | configurations tried (mean) |",
-        "|---|---|---|---|---|---|",
+        "| strategy | compute to tolerance ÷ grid (median; per repetition) | trials ended by then (per repetition) | "
+        "reached | total compute ÷ grid | final pick, re-scored (mean) | configurations tried (mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(r.strategy for r in runs):
         mine = [r for r in runs if r.strategy == name]
         reached = [r.to_tolerance(threshold) for r in mine]
-        fractions = [x / truth.grid_compute if x is not None else math.inf for x in reached]
+        fractions = [x[0] / truth.grid_compute if x is not None else math.inf for x in reached]
         per = ", ".join(f"{f:.2f}" if f != math.inf else "never" for f in fractions)
+        trials = ", ".join(str(x[1]) if x is not None else "-" for x in reached)
         lines.append(
-            f"| {name} | {statistics.median(fractions):.2f} ({per}) | {sum(x is not None for x in reached)} of "
+            f"| {name} | {statistics.median(fractions):.2f} ({per}) | {trials} | "
+            f"{sum(x is not None for x in reached)} of "
             f"{len(mine)} | {statistics.mean(r.compute for r in mine) / truth.grid_compute:.2f} | "
             f"{statistics.mean(truth.scores[r.final] for r in mine):.2f} | "
             f"{statistics.mean(r.configurations for r in mine):.1f} |"
@@ -402,14 +414,16 @@ def plot(runs: list[Run], truth: Truth, pbt_runs: list[dict[str, Any]], args: ar
     figure, axis = plt.subplots(figsize=(9, 5.5))
     shown = [s.name for s in strategies(False)]
     colours = dict(zip(shown, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    xs = [i / 200 for i in range(0, 201)]
+    xs = [10 ** (-2.5 + 2.5 * i / 200) for i in range(201)]  # log-spaced, 0.003 to 1
     for name in shown:
         mine = [r for r in runs if r.strategy == name]
         if not mine:
             continue
         ys = []
         for x in xs:
-            values = [_at(r.curve, x * truth.grid_compute) for r in mine]
+            values = [
+                _at(r.curve, x * truth.grid_compute) if x * truth.grid_compute <= r.compute else None for r in mine
+            ]
             values = [v for v in values if v is not None]
             ys.append(statistics.mean(values) if len(values) == len(mine) else math.nan)
         style = "--" if "asha" in name else "-"
@@ -431,10 +445,11 @@ def plot(runs: list[Run], truth: Truth, pbt_runs: list[dict[str, Any]], args: ar
         axis.plot([], [], "k^", label="PBT: best member's own final mIoU (1 seed, not re-scored)")
     axis.axhline(best, color="grey", linewidth=0.8)
     axis.axhspan(best - truth.tolerance, best, color="grey", alpha=0.15, label="grid's best mean - tolerance")
-    axis.set_xlabel("cumulative training steps ÷ the full grid's")
+    axis.set_xlabel("cumulative training steps ÷ the full grid's (log scale)")
     axis.set_ylabel("incumbent's target mIoU, re-scored at full budget (mean over seeds)")
     axis.set_title(f"{args.method} on {args.task}: grid {args.grid}, {truth.steps} steps per trial")
-    axis.set_xlim(0, 1.02)
+    axis.set_xscale("log")
+    axis.set_xlim(10**-2.5, 1.05)
     axis.legend(loc="lower right", fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -461,16 +476,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repetitions", type=int, default=3, help="search seeds per strategy")
     parser.add_argument("--samples", type=int, default=27, help="random/TPE configurations (--num-samples)")
     parser.add_argument("--pbt-population", type=int, default=8, help="0: no PBT runs")
-    parser.add_argument("--pace", type=float, default=0.01, help="replay seconds per recorded training step")
+    parser.add_argument("--pace", type=float, default=0.005, help="replay seconds per recorded training step")
     parser.add_argument("--asha-variants", action="store_true", help="also grace periods 2-3, reduction factor 3")
     parser.add_argument("--out", default=DEFAULT_OUT, help="where the recorded and PBT runs are cached")
     parser.add_argument("--plot", default=os.path.join(_bootstrap.ROOT, "docs", "search_efficiency.png"))
+    parser.add_argument("--replot", action="store_true", help="summary and plot from --out's results.json only")
     args = parser.parse_args(argv)
     space = search_spaces.load(args.method)
     args.task = space.default_task
     tasks.prepare(tasks.get(args.task), tasks.default_data_root())
     recorded = record(args, args.task)
     truth = ground_truth(recorded["curves"], args.seeds.split(","))
+    if args.replot:
+        with open(os.path.join(args.out, "results.json")) as handle:
+            saved = json.load(handle)
+        runs = [Run(**{**r, "curve": [tuple(point) for point in r["curve"]]}) for r in saved["runs"]]
+        print(summarise(runs, truth, saved["pbt"], args))
+        plot(runs, truth, saved["pbt"], args, args.plot)
+        return
     print(f"recorded: {len(recorded['curves'])} trials in {recorded['seconds'] / 60:.1f} min", flush=True)
     pbt_runs = [pbt(args, args.task, r) for r in range(args.repetitions)] if args.pbt_population else []
 
@@ -478,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from platform import cluster
 
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's console boxes off, as in the sweep (platform/cli.py)
     cluster.connect(None)
     runs = []
     started = time.perf_counter()

@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 import pytest
 
@@ -358,8 +360,10 @@ ONE_TRIAL_AT_A_TIME = {
 @pytest.mark.parametrize("runner", ["train", "inline"])
 def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_head, tmp_path, data_root, runner):
     """The driver is SIGKILLed while trial 2 of 2 runs (trial 1 finished); `--resume` on the same cluster finishes
-    trial 2 from its checkpoint, does not train trial 1 again, and leaves no MLflow run RUNNING."""
+    trial 2 from its checkpoint, does not train trial 1 again, keeps the sweep's limit of one trial at a time (issue
+    20 item 5) and leaves no MLflow run RUNNING."""
     import signal
+    import threading
     import time
 
     env, _ = ray_head
@@ -416,15 +420,31 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_hea
 
     _, _, children = runs_of(tmp_path)
     first = next(r for r in children if r.info.status == "FINISHED")
-    resumed = subprocess.run(
-        [sys.executable, "-m", "platform.sweep", "source_only", "--resume", "--name", "killed", *common],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    head, most, done = int(env["UDA_TEST_RAY_HEAD_PID"]), [0], threading.Event()
+
+    def watch() -> None:  # Ray Train trials: how many controllers run at once on the head while the sweep resumes
+        while not done.is_set():
+            controllers = [p for p in descendants(head) if "TrainController" in " ".join(_cmdline(p))]
+            most[0] = max(most[0], len(controllers))
+            time.sleep(0.25)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        resumed = subprocess.run(
+            [sys.executable, "-m", "platform.sweep", "source_only", "--resume", "--name", "killed", *common],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        done.set()
+        watcher.join(timeout=5)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # the resumed sweep keeps its limit of one trial at a time (two CPUs per trial on the head's three)
+    assert most[0] <= 1, f"{most[0]} Ray Train controllers ran at once with a limit of one"
     client, parents, children = runs_of(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
@@ -438,97 +458,42 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_hea
     assert steps[-1] == budget and steps[0] == 4  # trial 2 continued to the end of its own budget
 
 
-def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_head, tmp_path, data_root):
-    """Issue 20 item 5: a resumed Ray Train sweep keeps its limit of one running trial (two CPUs per worker on the
-    head's three): never more than one Train controller at once, and every trial finishes. What this does not show:
-    that the sweep's own SlotKeeper is needed here. Measured with `trial_slot` made a no-op, the test still passes:
-    at the kill only one trial exists (Tune creates grid and random trials one at a time under the limit) and Tune
-    restores its variant generator with that limit. The keeper is for restored trials that were live beyond the
-    limit at the kill, which this test does not construct."""
-    import signal
-    import threading
-    import time
+def test_the_slot_keeper_lets_one_of_three_restored_trials_train_at_a_time(tmp_path, subprocess_env):
+    """Issue 20 item 5, at the mechanism a resumed sweep relies on: Tune applies max_concurrent_trials to the trials
+    its searcher suggests, not to those it restores, so every trial of a resumed sweep holds one of the sweep's
+    SlotKeeper slots while it trains (tuning.run_trial). Three unfinished trials, started at once as Tune restores
+    them, in three Ray processes on a real local cluster, a limit of one: never more than one trains, and all three
+    finish; a trial that asks again (a retried trial) keeps its own slot. Made a no-op, `trial_slot` fails this (the
+    three spans overlap). The end-to-end resume, and that it keeps its limit, is the killed-driver test above."""
+    script = textwrap.dedent("""
+        import json, time, ray
+        from platform import cluster, tuning
+        cluster.connect()
+        name = tuning.slot_keeper_name("capped")
+        keeper = tuning.SlotKeeper.options(name=name, namespace=tuning.SLOTS_NAMESPACE).remote(1)
 
-    env, _ = ray_head
-    database = tmp_path / "mlflow.db"
-    common = [
-        "--data-root",
-        data_root,
-        "--tracking-uri",
-        f"sqlite:///{database}",
-        "--storage-path",
-        str(tmp_path / "results"),
-        "--address",
-        env["UDA_TEST_RAY_ADDRESS"],
-    ]
-    driver = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "platform.sweep",
-            "source_only",
-            "--num-samples",
-            "2",
-            "--trial-runner",
-            "train",
-            "--cpus-per-worker",
-            "2",
-            "--max-steps",
-            "6",
-            "--eval-every",
-            "2",
-            "--name",
-            "capped",
-            *common,
-        ],
-        cwd=tmp_path,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        @ray.remote(num_cpus=0)
+        def restored_trial(trial_id):
+            with tuning.trial_slot(name, trial_id, pause_s=0.05):
+                started = time.time()
+                again = ray.get(keeper.acquire.remote(trial_id))  # a retried trial asks again: its own slot
+                time.sleep(1.0)
+                return started, time.time(), again
+
+        spans = ray.get([restored_trial.remote(f"trial-{i}") for i in range(3)])
+        print("RESULT" + json.dumps({"spans": spans, "held": ray.get(keeper.held.remote())}))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300
     )
-    try:
-        # Tune saves its experiment state every few seconds: killed before the first save, a sweep cannot be
-        # restored and --resume starts it again from scratch
-        saved = tmp_path / "results" / "capped"
-        wait_until(
-            lambda: (
-                (bool(metric_steps(database, "val_target/miou")) and any(saved.glob("experiment_state*.json")))
-                or driver.poll() is not None
-            ),
-            "the first trial's first report and Tune's saved experiment state",
-            timeout_s=480,
-            pause_s=0.5,
-        )
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
-    head, most, done = int(env["UDA_TEST_RAY_HEAD_PID"]), [0], threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            controllers = [p for p in descendants(head) if "TrainController" in " ".join(_cmdline(p))]
-            most[0] = max(most[0], len(controllers))
-            time.sleep(0.25)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        resumed = subprocess.run(
-            [sys.executable, "-m", "platform.sweep", "source_only", "--resume", "--name", "capped", *common],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-    finally:
-        done.set()
-        watcher.join(timeout=5)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    _, parents, children = runs_of(tmp_path)
-    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
-    assert most[0] == 1, f"{most[0]} Ray Train controllers ran at once with a limit of one"
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.split("RESULT", 1)[1].splitlines()[0])
+    spans = sorted(result["spans"])
+    assert len(spans) == 3
+    for (_, ended, _), (started, _, _) in zip(spans, spans[1:]):
+        assert started >= ended, f"two trials trained at once with a limit of one: {spans}"
+    assert all(again for _, _, again in spans)
+    assert result["held"] == 0  # every slot given back
 
 
 def _cmdline(process) -> list[str]:

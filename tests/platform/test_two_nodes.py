@@ -71,28 +71,53 @@ def _title(process) -> str:
         return ""
 
 
-def test_data_parallel_workers_on_two_nodes_train_like_on_one(tmp_path, subprocess_env, s3, data_root):
+class _RankSession:
+    """platform.loop.Session of one of two gloo ranks in this test's own processes (what Ray Train gives a worker)."""
+
+    def __init__(self, rank: int, world_size: int):
+        import torch
+
+        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
+        self.reports: list[dict] = []
+
+    def report(self, metrics, checkpoint_dir) -> None:
+        self.reports.append(dict(metrics))
+
+    def resume_dir(self):
+        import contextlib
+
+        return contextlib.nullcontext(None)
+
+
+def _train_rank(rank: int, init_file: str, spec: dict, out: str) -> None:
+    """One of two data-parallel workers on this machine, joined by gloo, running the trial's loop; rank 0 saves the
+    final evaluation."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from platform.loop import TrialRunner, TrialSpec
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    final = TrialRunner(TrialSpec.from_dict(spec), _RankSession(rank, 2)).run()
+    if rank == 0:
+        torch.save({k: v for k, v in final.items() if k.startswith("val_target/")}, out)
+    dist.barrier()
+    os._exit(0)  # as tests/platform/test_distributed.py: no gloo teardown at exit
+
+
+def test_data_parallel_workers_on_two_nodes_train_like_on_one(tmp_path, subprocess_env, s3, data_root, monkeypatch):
+    """The same `--workers 2` trial: through the CLI on two nodes (one worker each), and as two gloo workers on this
+    machine running the trial's loop with the TrialSpec the sweep builds (the task defaults, seed 0): the same
+    target-validation metrics."""
+    import torch
+    import torch.multiprocessing as mp
+
+    import search_spaces
+    from platform.loop import TrialSpec
+
     env = {**subprocess_env, **s3[0]}
-    trial = ["source_only", "--workers", "2", "--max-steps", "6", "--eval-every", "3", "--data-root", data_root]
-    # one machine: a local cluster of its own
-    local = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "platform.train",
-            *trial,
-            "--tracking-uri",
-            f"sqlite:///{tmp_path}/local.db",
-            "--storage-path",
-            str(tmp_path / "local"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert local.returncode == 0, local.stdout[-3000:]
     # two nodes: the token CPU of the trial's driver and one worker fit on node A (2 CPUs), the other worker only on
     # node B (1 CPU)
     cluster, (node_a, node_b) = _cluster([2, 1])
@@ -103,7 +128,15 @@ def test_data_parallel_workers_on_two_nodes_train_like_on_one(tmp_path, subproce
                 sys.executable,
                 "-m",
                 "platform.train",
-                *trial,
+                "source_only",
+                "--workers",
+                "2",
+                "--max-steps",
+                "6",
+                "--eval-every",
+                "3",
+                "--data-root",
+                data_root,
                 "--address",
                 cluster.address,
                 "--tracking-uri",
@@ -128,13 +161,20 @@ def test_data_parallel_workers_on_two_nodes_train_like_on_one(tmp_path, subproce
     assert seen == {"a": 1, "b": 1}  # one worker per node
     from mlflow.tracking import MlflowClient
 
-    def metrics(database: str) -> dict:
-        client = MlflowClient(f"sqlite:///{tmp_path}/{database}")
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
-        return {k: v for k, v in child.data.metrics.items() if k.startswith("val_target/")}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
+    two_nodes = {k: v for k, v in child.data.metrics.items() if k.startswith("val_target/")}
 
-    assert metrics("mlflow.db") == metrics("local.db")
+    defaults = search_spaces.load("source_only").task_defaults["synthetic-urban"]
+    spec = TrialSpec("source_only", "synthetic-urban", defaults, 0, max_steps=6, eval_every=3, data_root=data_root)
+    out = str(tmp_path / "one-machine.pt")
+    monkeypatch.setenv("PYTHONPATH", subprocess_env["PYTHONPATH"])  # the spawned workers import our `platform`
+    mp.start_processes(_train_rank, args=(str(tmp_path / "init"), spec.to_dict(), out), nprocs=2, start_method="spawn")
+    one_machine = torch.load(out, weights_only=True)
+    assert two_nodes.keys() == one_machine.keys()
+    for key, value in one_machine.items():
+        assert two_nodes[key] == pytest.approx(value, abs=1e-9), key
 
 
 def test_a_lost_node_restarts_its_trial_on_the_other_node(tmp_path, subprocess_env, s3, data_root):
