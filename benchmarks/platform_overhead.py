@@ -154,6 +154,17 @@ def main(argv: list[str] | None = None) -> None:
         fixed = statistics.mean(m["trial"] - m["loop"] for _, m in measured)
         mious = ", ".join(f"{m['miou']:.1f}" for _, m in measured)
         print(f"    fixed cost per trial beyond the loop: {fixed:.1f} s; final target mIoU {mious}")
+        outside = [m["command"] - m["trial"] for _, m in measured]
+        print(
+            f"    the command beyond its trial (start-up and shutdown): {statistics.mean(outside):.1f} s "
+            f"({', '.join(f'{o:.1f}' for o in outside)})"
+        )
+        ratios = [m["loop"] / statistics.mean(bare_runs[i : i + 2]) for i, m in measured]
+        if len(ratios) > 1:
+            print(
+                f"    worker loop ÷ neighbouring bare runs: mean {statistics.mean(ratios):.3f}, "
+                f"sample std {statistics.stdev(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -175,7 +175,6 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from skimage.segmentation import mark_boundaries, slic
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -399,6 +398,8 @@ def superpixels(images: Tensor, size: int, compactness: float = 10.0, scale: flo
     if scale < 1:
         shape = (max(1, round(height * scale)), max(1, round(width * scale)))
         small = F.interpolate(images.float(), size=shape, mode="bilinear", align_corners=False, antialias=True)
+    from skimage.segmentation import slic  # here, not at import: scikit-image costs every process 0.4 s to import
+
     segments = max(1, round(height * width / size**2))
     arrays = small.detach().float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy().astype(np.float64)
     maps = []
@@ -1051,6 +1052,8 @@ def samples(hp: Hyperparams, modules: nn.ModuleDict, images: SampleImages, stage
     seeds = class_balanced_pseudo_labels(log_probabilities, lambdas, unlabelled=-1)
     segments = superpixels(target, hp.superpixel_size, hp.superpixel_compactness, hp.superpixel_scale)
     voted = superpixel_vote(seeds, segments, num_classes, -1, hp.superpixel_vote_threshold, hp.superpixel_vote)
+    from skimage.segmentation import mark_boundaries
+
     boundaries = np.stack(
         [
             mark_boundaries(image.permute(1, 2, 0).cpu().numpy(), segment.cpu().numpy())

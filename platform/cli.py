@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -502,7 +503,6 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
     except (DatasetNotFoundError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    costs = probe_costs(plan, steps[0])
     address = plan.args.address or os.environ.get("RAY_ADDRESS") or None
     try:  # before Ray starts: nothing is left behind when one fails
         preflight.check_tracking(plan.tracking_uri)
@@ -511,7 +511,14 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    cluster.connect(plan.args.address)
+    # While Ray starts (seconds spent mostly waiting for its processes): the cost probe (a few training steps) and
+    # the tracking store (a new SQLite store creates its tables: about 1.5 s), which MLflow then keeps per URI
+    with ThreadPoolExecutor(2, thread_name_prefix="uda-startup") as startup:
+        probing = startup.submit(probe_costs, plan, steps[0])
+        opening = startup.submit(tracking.open_store, plan.tracking_uri)
+        cluster.connect(plan.args.address)
+        costs = probing.result()
+        opening.result()
     request = preflight.trial_request(
         plan.runner == config.INLINE,
         plan.args.workers,

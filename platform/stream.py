@@ -28,6 +28,7 @@ Columns: a training stream is built with the columns it may read. The target tra
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections import deque
 from collections.abc import Collection, Iterator, Sequence
@@ -50,6 +51,9 @@ class RowGroup:
     index: int
     num_rows: int
     offset: int = 0  # the group's first row in its split (row_groups)
+    # a local shard's (size, mtime_ns) when it was listed: keys its rows in DECODED, so that a rewritten shard (a
+    # repaired or regenerated dataset) is never served from memory; None for object-store shards (not kept there)
+    version: tuple[int, int] | None = None
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -72,9 +76,13 @@ def row_groups(files: Sequence[str]) -> list[RowGroup]:
     offset = 0
     for path in files:
         metadata = _open(path).metadata
+        version = None
+        if "://" not in path:
+            stat = os.stat(path)
+            version = (stat.st_size, stat.st_mtime_ns)
         for i in range(metadata.num_row_groups):
             rows = metadata.row_group(i).num_rows
-            groups.append(RowGroup(path, i, rows, offset))
+            groups.append(RowGroup(path, i, rows, offset, version))
             offset += rows
     return groups
 
@@ -250,7 +258,15 @@ def decode_sample(
     row: dict, num_classes: int, size: tuple[int, int] | None, flip: bool, resize_label: bool = True
 ) -> dict[str, torch.Tensor]:
     """A Parquet row → model inputs (see `finish`), resized to `size` and flipped if asked."""
-    sample = decode_row(row, num_classes)
+    return _prepare(decode_row(row, num_classes), size, flip, resize_label)
+
+
+def _prepare(
+    sample: dict[str, torch.Tensor], size: tuple[int, int] | None, flip: bool, resize_label: bool
+) -> dict[str, torch.Tensor]:
+    """decode_row's sample → model inputs: resized, flipped, `finish`ed (new tensors; the sample's are not
+    modified, so that DECODED's stay as decoded)."""
+    sample = dict(sample)
     if size is not None:
         _resize_sample(sample, size, resize_label)
     if flip:
@@ -262,6 +278,75 @@ def decode_sample(
 
 def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+@dataclass(frozen=True)
+class Split:
+    """A split as DecodedRows knows it: its shards (in order) and its row count."""
+
+    paths: tuple[str, ...]
+    rows: int
+
+    @classmethod
+    def of(cls, groups: Sequence[RowGroup]) -> Split:
+        return cls(tuple(dict.fromkeys(g.path for g in groups)), sum(g.num_rows for g in groups))
+
+
+CACHE_ENV = "UDA_DECODED_CACHE_MB"
+DEFAULT_CACHE_MB = 1024
+
+
+class DecodedRows:
+    """Rows decoded once and kept in this process's memory as `decode_row` gives them (uint8, before any resize or
+    augmentation), for splits that fit the memory budget whole: every epoch of a training stream and every
+    evaluation then skips zstd/PNG decoding, which a one-CPU trial does in its training thread (a sweep's trials that
+    reuse a Tune process share them). A split that would not fit in what is left of the budget, estimated from its
+    first decoded row, is never kept (so a large dataset costs no memory here and streams as before). Only local
+    shards are kept, keyed by the shard's size and modification time as listed (`RowGroup.version`). Thread-safe;
+    a decoded sample is shared, never modified (`_prepare` and `augment_sample` make new tensors)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self._rows: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._splits: dict[Split, bool] = {}  # kept or not
+        self._lock = threading.Lock()
+
+    def sample(self, split: Split, group: RowGroup, row: int, raw: dict, num_classes: int) -> dict[str, torch.Tensor]:
+        """decode_row(raw) for row `row` of `group`, one of the row groups of `split`."""
+        key = (group.path, group.version, group.index, row, tuple(raw), num_classes)
+        kept = self._splits.get(split)
+        if kept is not False and group.version is not None:
+            with self._lock:
+                found = self._rows.get(key)
+            if found is not None:
+                return found
+        sample = decode_row(raw, num_classes)
+        if kept is False or group.version is None:
+            return sample
+        size = sum(t.untyped_storage().nbytes() for t in sample.values())
+        with self._lock:
+            if split not in self._splits:
+                self._splits[split] = split.rows * size <= self.budget - self.used
+            if self._splits[split] and key not in self._rows:
+                self._rows[key] = sample
+                self.used += size
+        return sample
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+            self._splits.clear()
+            self.used = 0
+
+
+def _budget() -> int:
+    try:
+        return int(float(os.environ.get(CACHE_ENV, DEFAULT_CACHE_MB)) * 2**20)
+    except ValueError:
+        return DEFAULT_CACHE_MB * 2**20
+
+
+DECODED = DecodedRows(_budget())  # this process's; UDA_DECODED_CACHE_MB=0 turns it off
 
 
 class _RowGroupReader:
@@ -384,6 +469,7 @@ class TrainStream:
         exclude: Collection[int] = (),
     ):
         self.groups = row_groups(files)
+        self.split = Split.of(self.groups)
         self.exclude = frozenset(exclude)  # row indices never drawn (the source-validation slice)
         if not self.groups:
             raise ValueError(f"no rows in {', '.join(files) or '(no files)'}")
@@ -443,7 +529,8 @@ class TrainStream:
         """Read, decode and augment one batch (one pool task), stacked as it was decoded (uint8)."""
         samples = []
         for group, row, augment in items:
-            sample = augment_sample(decode_row(self.reader.rows(group)[row], self.num_classes), self.policy, augment)
+            decoded = DECODED.sample(self.split, group, row, self.reader.rows(group)[row], self.num_classes)
+            sample = augment_sample(dict(decoded), self.policy, augment)
             sample["index"] = torch.tensor(group.offset + row, dtype=torch.int64)
             samples.append(sample)
         return collate(samples)
@@ -510,7 +597,9 @@ def eval_batches(
     reader = _RowGroupReader(columns)
     batch: list[dict[str, torch.Tensor]] = []
     wanted = None if rows is None else frozenset(rows)
-    for index, group in enumerate(row_groups(files)):
+    groups = row_groups(files)
+    split = Split.of(groups)
+    for index, group in enumerate(groups):
         if index % world_size != rank:
             continue
         if wanted is not None and wanted.isdisjoint(range(group.offset, group.offset + group.num_rows)):
@@ -518,7 +607,7 @@ def eval_batches(
         for position, row in enumerate(reader.rows(group)):
             if wanted is not None and group.offset + position not in wanted:
                 continue
-            sample = decode_sample(row, num_classes, size, flip=False, resize_label=False)
+            sample = _prepare(DECODED.sample(split, group, position, row, num_classes), size, False, False)
             sample["index"] = torch.tensor(group.offset + position, dtype=torch.int64)
             if batch and _shapes(batch[0]) != _shapes(sample):
                 yield collate(batch)

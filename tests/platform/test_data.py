@@ -288,3 +288,75 @@ def test_each_row_group_is_read_once_by_concurrent_threads_and_read_ahead(data_r
     assert all(r is results[0] for r in results[:4]) and all(r is results[4] for r in results[4:])
     expected = pq.ParquetFile(groups[0].path).read_row_group(groups[0].index, columns=["image"]).column(0).to_pylist()
     assert [row["image"].to_pybytes() for row in results[0]] == expected
+
+
+def _counting_decoder(monkeypatch) -> list:
+    """Count decode_row calls in the stream module (the work DecodedRows saves)."""
+    from platform import stream as stream_module
+
+    calls, real = [], stream_module.decode_row
+    monkeypatch.setattr(stream_module, "decode_row", lambda row, k: calls.append(1) or real(row, k))
+    return calls
+
+
+def test_a_split_that_fits_the_budget_is_decoded_once_and_batches_do_not_change(data_root, monkeypatch):
+    """Two epochs of augmented batches (flip, scale, crop: new tensors from the kept ones) and two evaluation passes
+    are bit for bit those of streams that decode every row every time, and each row is decoded once."""
+    from platform import stream as stream_module
+
+    tasks.prepare(tasks.get("synthetic-urban"), data_root)
+
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    rows = sum(g.num_rows for g in row_groups(files))
+    policy = Policy(hflip=True, scale_range=(0.75, 1.25), crop=(32, 64))
+    calls = _counting_decoder(monkeypatch)
+    runs = {}
+    for name, budget in (("off", 0), ("kept", 512 * 2**20)):
+        monkeypatch.setattr(stream_module, "DECODED", stream_module.DecodedRows(budget))
+        calls.clear()
+        stream = iter(TrainStream(files, ["image", "label"], 50, 7, seed=0, policy=policy))
+        batches = [next(stream) for _ in range(2 * rows // 50)]  # two epochs
+        passes = [list(eval_batches(files, ["image", "label"], 64, 7)) for _ in range(2)]
+        runs[name] = (batches, passes, len(calls), stream_module.DECODED.used)
+    (off, off_passes, off_calls, _), (kept, kept_passes, kept_calls, used) = runs["off"], runs["kept"]
+    # every draw decoded (the stream decodes a few batches ahead), against each row once for the stream and the
+    # evaluations together (the same columns of the same shards)
+    assert off_calls >= 4 * rows and kept_calls == rows
+    assert 0 < used <= 512 * 2**20
+    for a, b in zip(off + [x for p in off_passes for x in p], kept + [x for p in kept_passes for x in p]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_split_larger_than_the_budget_is_never_kept(data_root, monkeypatch):
+    from platform import stream as stream_module
+
+    tasks.prepare(tasks.get("synthetic-urban"), data_root)
+
+    files = split_files(data_root, "synthetic-urban-source", "train")
+    rows = sum(g.num_rows for g in row_groups(files))
+    row_bytes = 3 * 64 * 128 + 64 * 128  # an image and its label, uint8
+    monkeypatch.setattr(stream_module, "DECODED", stream_module.DecodedRows(row_bytes * rows // 2))
+    calls = _counting_decoder(monkeypatch)
+    for _ in range(2):
+        list(eval_batches(files, ["image", "label"], 64, 7))
+    assert len(calls) == 2 * rows and stream_module.DECODED.used == 0
+
+
+def test_a_rewritten_shard_is_read_again_not_served_from_memory(data_root, tmp_path, monkeypatch):
+    """A repaired or regenerated shard has another size or modification time: its rows are decoded anew."""
+    import shutil
+
+    from platform import stream as stream_module
+
+    tasks.prepare(tasks.get("synthetic-urban"), data_root)
+
+    monkeypatch.setattr(stream_module, "DECODED", stream_module.DecodedRows(512 * 2**20))
+    shard = tmp_path / "part-00000.parquet"
+    shutil.copy(split_files(data_root, "synthetic-urban-source", "val")[0], shard)
+    before = next(eval_batches([str(shard)], ["image", "label"], 4, 7))["image"]
+    other = split_files(data_root, "synthetic-urban-target", "val")[0]
+    shutil.copy(other, tmp_path / "next.parquet")
+    os.replace(tmp_path / "next.parquet", shard)
+    after = next(eval_batches([str(shard)], ["image", "label"], 4, 7))["image"]
+    expected = next(eval_batches([other], ["image", "label"], 4, 7))["image"]
+    assert not torch.equal(before, after) and torch.equal(after, expected)
