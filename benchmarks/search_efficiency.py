@@ -203,7 +203,7 @@ class Ledger(Callback):
         _EVENTS.append(("complete", trial.trial_id, trial.config, None, None))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _EVENTS.append(("complete", trial.trial_id, trial.config, None, None))
+        _EVENTS.append(("error", trial.trial_id, trial.config, None, None))
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def replay(
         )
     else:
         sweep = config.Sweep("tpe", (), seeds, args.samples)
-    reports = truth.steps // args.eval_every
+    reports = config.evaluations([truth.steps], args.eval_every)
     scheduler = None
     if strategy.asha is not None:
         grace, factor = strategy.asha
@@ -287,6 +287,8 @@ def ledger_run(name: str, repetition: int, events: list[tuple], truth: Truth) ->
     ended: dict[str, list[tuple[int, float]]] = {}  # configuration → its ended trials' (steps, final mIoU)
     steps = 0
     for kind, trial_id, trial_config, step, value in events:
+        if kind == "error":  # a replay that fails (e.g. a configuration without a recorded curve) voids the table
+            raise SystemExit(f"replay {name} #{repetition}: trial {trial_id} ({trial_config}) failed")
         if kind == "result":
             steps += step - last.get(trial_id, (0, 0.0))[0]
             last[trial_id] = (step, value)

@@ -15,7 +15,7 @@ torch's peak allocation (CUDA).
 Cases: the endoscopy task (512x512 both domains, 2 classes); GTA5 (1280x720) → Cityscapes (1024x512), 19 classes,
 with `augmentor_downsample` 2 (the search space's default there). At factor 1 A_F's attention maps alone need about
 26 GB in backprop at GTA5 size (16 blocks x batch 2 x N² floats, N = 160·90 positions at output stride 8): printed as
-an estimate, not run, since this machine has 24 GB.
+an estimate and not run (more than the 24 GB of the CPU machines this project is developed on).
 """
 
 from __future__ import annotations

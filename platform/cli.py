@@ -505,6 +505,7 @@ def main(argv: Sequence[str] | None = None, single: bool = False) -> int:
         return 2
     address = plan.args.address or os.environ.get("RAY_ADDRESS") or None
     try:  # before Ray starts: nothing is left behind when one fails
+        preflight.check_decoded_cache()
         preflight.check_tracking(plan.tracking_uri)
         preflight.check_storage(plan.storage_path)
         preflight.check_address(address)

@@ -194,3 +194,13 @@ def check_placement(
             if fits(request, nodes()):
                 return
     raise UsageError(f"{message}: lower --workers, --cpus-per-worker or --gpus-per-worker, or add nodes")
+
+
+def check_decoded_cache() -> None:
+    """UDA_DECODED_CACHE_MB, if set, is a number of megabytes (platform.stream.DecodedRows)."""
+    from platform import stream
+
+    try:
+        stream.cache_budget()
+    except ValueError as error:
+        raise UsageError(str(error)) from None

@@ -51,9 +51,9 @@ class RowGroup:
     index: int
     num_rows: int
     offset: int = 0  # the group's first row in its split (row_groups)
-    # a local shard's (size, mtime_ns) when it was listed: keys its rows in DECODED, so that a rewritten shard (a
-    # repaired or regenerated dataset) is never served from memory; None for object-store shards (not kept there)
-    version: tuple[int, int] | None = None
+    # a local shard's (size, mtime_ns, inode, ctime_ns) when it was listed: keys its rows in DECODED, so that a
+    # rewritten shard (a repaired or regenerated dataset) is never served from memory; None for object-store shards
+    version: tuple[int, ...] | None = None
 
 
 def _open(path: str) -> pq.ParquetFile:
@@ -79,7 +79,7 @@ def row_groups(files: Sequence[str]) -> list[RowGroup]:
         version = None
         if "://" not in path:
             stat = os.stat(path)
-            version = (stat.st_size, stat.st_mtime_ns)
+            version = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
         for i in range(metadata.num_row_groups):
             rows = metadata.row_group(i).num_rows
             groups.append(RowGroup(path, i, rows, offset, version))
@@ -282,71 +282,107 @@ def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
 
 @dataclass(frozen=True)
 class Split:
-    """A split as DecodedRows knows it: its shards (in order) and its row count."""
+    """A split as DecodedRows knows it: its shards with their versions as listed (`RowGroup.version`), and its row
+    count."""
 
-    paths: tuple[str, ...]
+    shards: tuple[tuple[str, tuple | None], ...]
     rows: int
 
     @classmethod
     def of(cls, groups: Sequence[RowGroup]) -> Split:
-        return cls(tuple(dict.fromkeys(g.path for g in groups)), sum(g.num_rows for g in groups))
+        return cls(tuple(dict.fromkeys((g.path, g.version) for g in groups)), sum(g.num_rows for g in groups))
+
+    @property
+    def local(self) -> bool:
+        return all(version is not None for _, version in self.shards)
 
 
 CACHE_ENV = "UDA_DECODED_CACHE_MB"
-DEFAULT_CACHE_MB = 1024
+DEFAULT_CACHE_MB = 512
+
+
+def cache_budget() -> int:
+    """Bytes of decoded rows a process may keep (`UDA_DECODED_CACHE_MB`; 0 keeps none); ValueError naming the
+    variable if it is not a number of megabytes."""
+    text = os.environ.get(CACHE_ENV, str(DEFAULT_CACHE_MB))
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes >= 0:
+        raise ValueError(f"{CACHE_ENV} must be a number of megabytes >= 0, e.g. {DEFAULT_CACHE_MB} (got {text!r})")
+    return int(megabytes * 2**20)
 
 
 class DecodedRows:
     """Rows decoded once and kept in this process's memory as `decode_row` gives them (uint8, before any resize or
     augmentation), for splits that fit the memory budget whole: every epoch of a training stream and every
     evaluation then skips zstd/PNG decoding, which a one-CPU trial does in its training thread (a sweep's trials that
-    reuse a Tune process share them). A split that would not fit in what is left of the budget, estimated from its
-    first decoded row, is never kept (so a large dataset costs no memory here and streams as before). Only local
-    shards are kept, keyed by the shard's size and modification time as listed (`RowGroup.version`). Thread-safe;
-    a decoded sample is shared, never modified (`_prepare` and `augment_sample` make new tensors)."""
+    reuse a Tune process share them). A split (with the columns read) is admitted when its first row is decoded: its
+    row count times that row's size is reserved if it fits in what is left of the budget, else the split is never
+    kept and streams as before (a large dataset costs no memory here); a split never grows past its reservation.
+    Only local shards are kept, and a shard listed with another size, modification time or inode (rewritten,
+    repaired, regenerated) starts a new split and evicts the old one's rows. Thread-safe; a decoded sample is shared,
+    never modified (`_prepare` and `augment_sample` make new tensors)."""
 
-    def __init__(self, budget_bytes: int):
-        self.budget, self.used = budget_bytes, 0
-        self._rows: dict[tuple, dict[str, torch.Tensor]] = {}
-        self._splits: dict[Split, bool] = {}  # kept or not
+    def __init__(self, budget_bytes: int | None = None):
+        self._budget = budget_bytes  # None: cache_budget() on first use
+        self.reserved = 0
+        self._kept: dict[tuple, list[int] | None] = {}  # (split, columns) → [reserved, stored] bytes, None: not kept
+        self._rows: dict[tuple, dict[str, torch.Tensor]] = {}  # (split, columns, path, group, row, classes)
         self._lock = threading.Lock()
+
+    @property
+    def budget(self) -> int:
+        if self._budget is None:
+            self._budget = cache_budget()
+        return self._budget
 
     def sample(self, split: Split, group: RowGroup, row: int, raw: dict, num_classes: int) -> dict[str, torch.Tensor]:
         """decode_row(raw) for row `row` of `group`, one of the row groups of `split`."""
-        key = (group.path, group.version, group.index, row, tuple(raw), num_classes)
-        kept = self._splits.get(split)
-        if kept is not False and group.version is not None:
-            with self._lock:
-                found = self._rows.get(key)
-            if found is not None:
-                return found
+        if not split.local:
+            return decode_row(raw, num_classes)
+        entry = (split, tuple(sorted(raw)))
+        key = (*entry, group.path, group.index, row, num_classes)
+        with self._lock:
+            found = self._rows.get(key)
+            refused = entry in self._kept and self._kept[entry] is None
+        if found is not None:
+            return found
         sample = decode_row(raw, num_classes)
-        if kept is False or group.version is None:
+        if refused:
             return sample
         size = sum(t.untyped_storage().nbytes() for t in sample.values())
         with self._lock:
-            if split not in self._splits:
-                self._splits[split] = split.rows * size <= self.budget - self.used
-            if self._splits[split] and key not in self._rows:
+            if entry not in self._kept:
+                self._evict_older(split)
+                need = split.rows * size
+                fits = need <= self.budget - self.reserved
+                self._kept[entry] = [need, 0] if fits else None
+                self.reserved += need if fits else 0
+            kept = self._kept[entry]
+            if kept is not None and key not in self._rows and kept[1] + size <= kept[0]:
                 self._rows[key] = sample
-                self.used += size
+                kept[1] += size
         return sample
 
-    def clear(self) -> None:
-        with self._lock:
-            self._rows.clear()
-            self._splits.clear()
-            self.used = 0
+    def _evict_older(self, split: Split) -> None:
+        """Drop the splits that list one of `split`'s shards with another version (caller holds the lock)."""
+        paths = dict(split.shards)
+        stale = [
+            entry
+            for entry in self._kept
+            if any(path in paths and paths[path] != version for path, version in entry[0].shards)
+        ]
+        for entry in stale:
+            kept = self._kept.pop(entry)
+            self.reserved -= kept[0] if kept is not None else 0
+        if stale:
+            gone = set(stale)
+            self._rows = {key: value for key, value in self._rows.items() if key[:2] not in gone}
 
 
-def _budget() -> int:
-    try:
-        return int(float(os.environ.get(CACHE_ENV, DEFAULT_CACHE_MB)) * 2**20)
-    except ValueError:
-        return DEFAULT_CACHE_MB * 2**20
-
-
-DECODED = DecodedRows(_budget())  # this process's; UDA_DECODED_CACHE_MB=0 turns it off
+DECODED = DecodedRows()  # this process's
 
 
 class _RowGroupReader:

@@ -204,11 +204,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("where", ["tracking", "storage", "address"])
-def test_unreachable_services_fail_fast_before_ray_starts(where, tmp_path, capsys, data_root):
+@pytest.mark.parametrize("where", ["tracking", "storage", "address", "cache"])
+def test_unreachable_services_fail_fast_before_ray_starts(where, tmp_path, capsys, data_root, monkeypatch):
     """Issue 19 item 6: an MLflow server that does not answer, a storage path that cannot be written, a Ray head
-    that does not answer: one line, exit 2, no Ray, no MLflow store, no results folder, within seconds."""
+    that does not answer (and a decoded-row budget that is not a number): one line, exit 2, no Ray, no MLflow
+    store, no results folder, within seconds."""
     import time
+
+    if where == "cache":
+        monkeypatch.setenv("UDA_DECODED_CACHE_MB", "lots")
 
     store, storage = tmp_path / "mlflow.db", tmp_path / "results"
     (tmp_path / "a-file").write_text("not a folder")
@@ -226,6 +230,7 @@ def test_unreachable_services_fail_fast_before_ray_starts(where, tmp_path, capsy
         "tracking": "cannot reach the MLflow tracking server at http://127.0.0.1:",
         "storage": f"--storage-path {storage_path} cannot be written",
         "address": "cannot reach the Ray cluster at 127.0.0.1:",
+        "cache": "UDA_DECODED_CACHE_MB must be a number of megabytes >= 0, e.g. 512 (got 'lots')",
     }[where]
     assert expected in err, err
     assert time.monotonic() - started < 60  # bounded waits, not Ray's own retries for minutes

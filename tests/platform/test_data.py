@@ -317,7 +317,7 @@ def test_a_split_that_fits_the_budget_is_decoded_once_and_batches_do_not_change(
         stream = iter(TrainStream(files, ["image", "label"], 50, 7, seed=0, policy=policy))
         batches = [next(stream) for _ in range(2 * rows // 50)]  # two epochs
         passes = [list(eval_batches(files, ["image", "label"], 64, 7)) for _ in range(2)]
-        runs[name] = (batches, passes, len(calls), stream_module.DECODED.used)
+        runs[name] = (batches, passes, len(calls), stream_module.DECODED.reserved)
     (off, off_passes, off_calls, _), (kept, kept_passes, kept_calls, used) = runs["off"], runs["kept"]
     # every draw decoded (the stream decodes a few batches ahead), against each row once for the stream and the
     # evaluations together (the same columns of the same shards)
@@ -339,7 +339,7 @@ def test_a_split_larger_than_the_budget_is_never_kept(data_root, monkeypatch):
     calls = _counting_decoder(monkeypatch)
     for _ in range(2):
         list(eval_batches(files, ["image", "label"], 64, 7))
-    assert len(calls) == 2 * rows and stream_module.DECODED.used == 0
+    assert len(calls) == 2 * rows and stream_module.DECODED.reserved == 0
 
 
 def test_a_rewritten_shard_is_read_again_not_served_from_memory(data_root, tmp_path, monkeypatch):
@@ -360,3 +360,20 @@ def test_a_rewritten_shard_is_read_again_not_served_from_memory(data_root, tmp_p
     after = next(eval_batches([str(shard)], ["image", "label"], 4, 7))["image"]
     expected = next(eval_batches([other], ["image", "label"], 4, 7))["image"]
     assert not torch.equal(before, after) and torch.equal(after, expected)
+
+
+def test_two_splits_that_each_fit_but_not_together_keep_only_the_first(data_root, monkeypatch):
+    """The budget is reserved when a split is admitted: a second split that no longer fits streams as before."""
+    from platform import stream as stream_module
+
+    tasks.prepare(tasks.get("synthetic-urban"), data_root)
+    source = split_files(data_root, "synthetic-urban-source", "train")
+    target = split_files(data_root, "synthetic-urban-target", "train")
+    rows = sum(g.num_rows for g in row_groups(source))
+    row_bytes = 3 * 64 * 128 + 64 * 128
+    monkeypatch.setattr(stream_module, "DECODED", stream_module.DecodedRows(int(1.6 * rows * row_bytes)))
+    calls = _counting_decoder(monkeypatch)
+    for files in (source, target, source, target):
+        list(eval_batches(files, ["image", "label"], 64, 7))
+    assert stream_module.DECODED.reserved == rows * row_bytes  # the source split's, the first admitted
+    assert len(calls) == rows + 2 * sum(g.num_rows for g in row_groups(target))

@@ -443,8 +443,9 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_hea
         done.set()
         watcher.join(timeout=5)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    # the resumed sweep keeps its limit of one trial at a time (two CPUs per trial on the head's three)
-    assert most[0] <= 1, f"{most[0]} Ray Train controllers ran at once with a limit of one"
+    # the resumed sweep keeps its limit of one trial at a time (two CPUs per trial on the head's three); the watcher
+    # sees the resumed Ray Train trial's controller (inline trials have none)
+    assert most[0] == (1 if runner == "train" else 0), f"{most[0]} Ray Train controllers ran at once"
     client, parents, children = runs_of(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)

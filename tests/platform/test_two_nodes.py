@@ -71,24 +71,6 @@ def _title(process) -> str:
         return ""
 
 
-class _RankSession:
-    """platform.loop.Session of one of two gloo ranks in this test's own processes (what Ray Train gives a worker)."""
-
-    def __init__(self, rank: int, world_size: int):
-        import torch
-
-        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
-        self.reports: list[dict] = []
-
-    def report(self, metrics, checkpoint_dir) -> None:
-        self.reports.append(dict(metrics))
-
-    def resume_dir(self):
-        import contextlib
-
-        return contextlib.nullcontext(None)
-
-
 def _train_rank(rank: int, init_file: str, spec: dict, out: str) -> None:
     """One of two data-parallel workers on this machine, joined by gloo, running the trial's loop; rank 0 saves the
     final evaluation."""
@@ -97,10 +79,12 @@ def _train_rank(rank: int, init_file: str, spec: dict, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from platform.loop import TrialRunner, TrialSpec
+    from platform.loop import LocalSession, TrialRunner, TrialSpec
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    final = TrialRunner(TrialSpec.from_dict(spec), _RankSession(rank, 2)).run()
+    session = LocalSession()
+    session.rank, session.world_size = rank, 2  # what Ray Train's context gives a worker
+    final = TrialRunner(TrialSpec.from_dict(spec), session).run()
     if rank == 0:
         torch.save({k: v for k, v in final.items() if k.startswith("val_target/")}, out)
     dist.barrier()
