@@ -108,15 +108,6 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
-def open_store(tracking_uri: str) -> None:
-    """Open the tracking store once, so that MLflow keeps it for this URI (a new SQLite store creates its tables
-    here); an error is left for the first real call to report."""
-    try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
-    except Exception:
-        pass
-
-
 class Tracker:
     """Driver-side MLflow operations (sweep driver and per-trial Tune functions)."""
 
