@@ -859,16 +859,28 @@ def _report_on_parent(plan: Plan, tracker: tracking.Tracker, parent: str, scored
 
 
 def exit_command(code: int) -> typing.NoReturn:
-    """End `python -m platform.sweep|train` once `main` has returned: stop the local Ray cluster (or leave the one we
-    joined), flush output and logs, and exit without the interpreter's own teardown, which has nothing left to save
-    and took 3-4 s of native clean-up here (Ray's core worker, torch; measured with py-spy after the summary)."""
+    """End `python -m platform.sweep|train` once `main` has returned. When this process started a local Ray cluster
+    and MLflow logs synchronously (its default), stop Ray, flush output and logs and leave with `os._exit`: the
+    interpreter's own teardown (Ray's core worker, torch) has nothing left to save and took 3-4 s here (measured with
+    py-spy after the summary). Otherwise exit normally, so that atexit handlers run: MLflow's asynchronous-logging
+    queue is drained by one (MLFLOW_ENABLE_ASYNC_LOGGING), and Tune's removes the sweep's trainable from a cluster
+    that outlives the command (--address, RAY_ADDRESS, a Ray job)."""
     import logging
 
-    cluster.disconnect()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from mlflow.environment_variables import MLFLOW_ENABLE_ASYNC_LOGGING
+
+    if not cluster.started_local or MLFLOW_ENABLE_ASYNC_LOGGING.get():
+        raise SystemExit(code)
+    try:
+        cluster.disconnect()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (`... | head`) or terminal: nothing more to write
+                pass
+    finally:
+        os._exit(code)
 
 
 def plan_resume_command(plan: Plan) -> str:

@@ -66,6 +66,10 @@ def runtime_env(address: str | None) -> dict | None:
     return {"env_vars": {"PYTHONPATH": _pythonpath(), **LOCAL_ENV}}
 
 
+# Whether `connect` started a local cluster (which `disconnect` stops, with everything this process put in it).
+started_local = False
+
+
 def connect(address: str | None = None) -> None:
     """Join `address` (else $RAY_ADDRESS, else the job's cluster) or start a local cluster."""
     if ray.is_initialized():
@@ -73,7 +77,9 @@ def connect(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = runtime_env(address)
     kwargs = {"runtime_env": env} if env else {}
-    if address is None and not in_ray_job():
+    global started_local
+    started_local = address is None and not in_ray_job()
+    if started_local:
         # A local cluster: the dashboard is needed (ASHA-stopped Train trials hang without it); keep it on loopback.
         # One logical CPU more than the machine has, for the trial drivers' token shares (TRIAL_DRIVER_CPUS).
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=(os.cpu_count() or 1) + 1)

@@ -298,3 +298,17 @@ def test_workers_no_node_can_hold_fail_in_one_line_and_stop_ray(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and err.strip().count("\n") == 0 and "a trial asks for" in err and "lower --workers" in err, err
     assert not store.exists() and not storage.exists() and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("why", ["joined cluster", "async MLflow"])
+def test_the_command_exits_normally_where_atexit_handlers_have_work(why, monkeypatch):
+    """`exit_command` skips the interpreter's teardown (os._exit) only after stopping a local cluster it started with
+    synchronous MLflow logging; a joined cluster (Tune's atexit handler removes the sweep's trainable from it) or
+    MLFLOW_ENABLE_ASYNC_LOGGING (MLflow's atexit handler drains its queue) gets a normal exit with the same code."""
+    from platform import cluster
+
+    monkeypatch.setattr(cluster, "started_local", why != "joined cluster")
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true" if why == "async MLflow" else "false")
+    with pytest.raises(SystemExit) as exit:
+        cli.exit_command(3)
+    assert exit.value.code == 3
