@@ -17,6 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import methods
+import search_spaces
 from platform import checkpoints
 from tests.conftest import python
 
@@ -303,3 +304,40 @@ def test_ray_workers_import_platform_and_both_trial_runners_are_deterministic(tm
     assert len(children) == 1
     inline = {key: value for key, value in children[0].data.metrics.items() if key.startswith("val_target/")}
     assert inline and inline == {key: value for key, value in trained.items() if key.startswith("val_target/")}
+
+
+def test_pbt_sweep_exploits_through_checkpoints_and_logs_the_history(tmp_path, subprocess_env):
+    """A population of two inline cscl trials under --scheduler pbt: every evaluation is a perturbation point, so
+    the weaker member takes the stronger one's checkpoint; each run ends FINISHED with the whole budget, logs its
+    PERTURBABLE hyperparameters as `hp/*` metrics at every evaluation, and names the trial it exploited in a tag."""
+    out = run_cli(
+        "platform.sweep",
+        [
+            "cscl",
+            "--scheduler",
+            "pbt",
+            "--num-samples",
+            "2",
+            "--max-steps",
+            "8",
+            "--eval-every",
+            "2",
+            *store_args(tmp_path),
+        ],
+        tmp_path,
+        subprocess_env,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, parents, children = runs_of(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    trial_ids = {c.data.tags["uda.trial_id"] for c in children}
+    exploits = {}
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_target/miou")
+        assert max(m.step for m in history) == 8  # the whole budget, whatever checkpoint it continued from
+        for name in search_spaces.load("cscl").perturbable:
+            assert [m.step for m in client.get_metric_history(child.info.run_id, f"hp/{name}")][-1] == 8
+        exploits.update({k: v for k, v in child.data.tags.items() if k.startswith("uda.pbt.exploit.")})
+    assert exploits, "two members with different hyperparameters and four evaluations: one must have exploited"
+    assert set(exploits.values()) <= trial_ids
