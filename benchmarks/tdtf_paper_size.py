@@ -1,7 +1,7 @@
 """TD/TF's paper configuration at the papers' sizes: seconds and peak memory of one step of each stage (issue 15
 item 8), on this machine's CPU (or `--device cuda`).
 
-    python benchmarks/tdtf_paper_size.py [--device cpu|cuda] [--threads 2] [--only NAME,...]
+    python benchmarks/tdtf_paper_size.py [--device cpu|cuda] [--threads 2] [--only NAME,...] [--skip STAGE,...]
 
 The printed model (methods/tdtf.py's Hyperparams defaults: CycleGAN generators with 64 filters and 9 blocks plus the
 variational bottleneck, 70x70 PatchGANs, DeepLab-v3 on ResNet-101 at batch 2, D_F with five stride-2 layers, A_F
@@ -15,7 +15,10 @@ torch's peak allocation (CUDA).
 Cases: the endoscopy task (512x512 both domains, 2 classes); GTA5 (1280x720) → Cityscapes (1024x512), 19 classes,
 with `augmentor_downsample` 2 (the search space's default there). At factor 1 A_F's attention maps alone need about
 26 GB in backprop at GTA5 size (16 blocks x batch 2 x N² floats, N = 160·90 positions at output stride 8): printed as
-an estimate and not run (more than the 24 GB of the CPU machines this project is developed on).
+an estimate and not run (more than the 24 GB of the CPU machines this project is developed on). Measured on such a
+machine (README): at GTA5 size even factor 2 is killed for memory, in TD and in Step III, not by A_F; `--skip td` or
+`--skip td,tf_align` measures the stages that fit. A case killed for memory prints the stage it was in and the
+stages it completed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ CASES = {
     # name: (source (H, W), target (H, W), classes, augmentor_downsample)
     "endoscopy-512": ((512, 512), (512, 512), 2, 1),
     "gta5-cityscapes-ds2": ((720, 1280), (512, 1024), 19, 2),
+    "gta5-cityscapes-ds4": ((720, 1280), (512, 1024), 19, 4),
 }
 
 
@@ -42,7 +46,7 @@ def attention_gb(height: int, width: int, downsample: int, blocks: int = 16, bat
     return blocks * batch * positions**2 * 4 / 1e9
 
 
-def measure(name: str, device: str, threads: int, steps: int = 1) -> dict:
+def measure(name: str, device: str, threads: int, steps: int = 1, skip: tuple[str, ...] = ()) -> dict:
     import torch
 
     from methods import tdtf
@@ -66,6 +70,8 @@ def measure(name: str, device: str, threads: int, steps: int = 1) -> dict:
         torch.cuda.reset_peak_memory_stats()
     seconds = {}
     for index, stage in enumerate(tdtf.stages(hp)[:4]):  # one round: td, tf_segment, tf_augment, tf_align
+        if stage.name in skip:
+            continue
         for module_name, module in modules.items():
             module.train(module_name in stage.trains)
             module.requires_grad_(module_name in stage.trains)
@@ -84,6 +90,7 @@ def measure(name: str, device: str, threads: int, steps: int = 1) -> dict:
             device=torch.device(device),
             stage_index=index,
         )
+        print(f"{stage.name} started", file=sys.stderr, flush=True)  # where a case killed for memory got to
         timings = []
         for _ in range(steps):  # the last one is timed
             if device == "cuda":
@@ -94,6 +101,8 @@ def measure(name: str, device: str, threads: int, steps: int = 1) -> dict:
                 torch.cuda.synchronize()
             timings.append(time.perf_counter() - started)
         seconds[stage.name] = timings[-1]
+        rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        print(f"{stage.name} took {timings[-1]:.1f} s (peak so far {rss_mb:.0f} MB)", file=sys.stderr, flush=True)
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -107,10 +116,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1, help="steps per stage, the last one timed")
     parser.add_argument("--only", default="", help="comma-separated case names: " + ", ".join(CASES))
+    parser.add_argument(
+        "--skip", default="", help="comma-separated stages not to run (td, tf_segment, tf_augment, tf_align)"
+    )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON out
     args = parser.parse_args(argv)
+    skip = tuple(filter(None, args.skip.split(",")))
     if args.case:
-        print(json.dumps(measure(args.case, args.device, args.threads, args.steps)))
+        print(json.dumps(measure(args.case, args.device, args.threads, args.steps, skip)))
         return
     only = set(filter(None, args.only.split(",")))
     print(f"tdtf paper defaults, device {args.device}, {args.threads} threads; seconds of one step per stage")
@@ -119,18 +132,20 @@ def main(argv: list[str] | None = None) -> None:
         if only and name not in only:
             continue
         command = [sys.executable, __file__, "--case", name, "--device", args.device, "--threads", str(args.threads)]
-        command += ["--steps", str(args.steps)]
+        command += ["--steps", str(args.steps), "--skip", ",".join(skip)]
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode != 0:
-            print(f"{name:22s} failed: {(out.stderr.strip().splitlines() or ['killed'])[-1]}")
+            lines = out.stderr.strip().splitlines()
+            how = "killed (out of memory?)" if out.returncode < 0 else f"exit {out.returncode}"
+            done = "; ".join(line for line in lines if " took " in line)
+            print(f"{name:22s} failed, {how}; last line: {(lines or ['before the first stage'])[-1]}; {done}")
             continue
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        s = result["seconds"]
-        print(
-            f"{name:22s} {result['parameters']:>12,d} {s['td']:8.1f} {s['tf_segment']:8.1f} {s['tf_augment']:8.1f} "
-            f"{s['tf_align']:8.1f} {result['peak_mb']:9.0f}",
-            flush=True,
+        cells = " ".join(
+            f"{result['seconds'][stage]:8.1f}" if stage in result["seconds"] else f"{'-':>8s}"
+            for stage in ("td", "tf_segment", "tf_augment", "tf_align")
         )
+        print(f"{name:22s} {result['parameters']:>12,d} {cells} {result['peak_mb']:9.0f}", flush=True)
     for (height, width), label in (((512, 512), "512x512"), ((720, 1280), "1280x720")):
         sizes = ", ".join(f"factor {d}: {attention_gb(height, width, d):.1f} GB" for d in (1, 2, 4))
         print(f"A_F's attention maps at {label} (batch 2, 16 blocks, estimate): {sizes}")
