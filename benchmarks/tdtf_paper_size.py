@@ -16,9 +16,10 @@ Cases: the endoscopy task (512x512 both domains, 2 classes); GTA5 (1280x720) →
 with `augmentor_downsample` 2 (the search space's default there). At factor 1 A_F's attention maps alone need about
 26 GB in backprop at GTA5 size (16 blocks x batch 2 x N² floats, N = 160·90 positions at output stride 8): printed as
 an estimate and not run (more than the 24 GB of the CPU machines this project is developed on). Measured on such a
-machine (README): at GTA5 size even factor 2 is killed for memory, in TD and in Step III, not by A_F; `--skip td` or
-`--skip td,tf_align` measures the stages that fit. A case killed for memory prints the stage it was in and the
-stages it completed.
+machine (README): at GTA5 size with factor 2 the process is killed for memory in TD (where A_F plays no part) and,
+with TD skipped, in Step III; `--skip td` or `--skip td,tf_align` measures the stages that fit. Peak memory is
+printed in MiB, the attention estimates in GB (10^9 bytes). A case killed for memory prints the stage it was in
+and the stages it completed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ CASES = {
     # name: (source (H, W), target (H, W), classes, augmentor_downsample)
     "endoscopy-512": ((512, 512), (512, 512), 2, 1),
     "gta5-cityscapes-ds2": ((720, 1280), (512, 1024), 19, 2),
-    "gta5-cityscapes-ds4": ((720, 1280), (512, 1024), 19, 4),
 }
 
 
@@ -102,7 +102,7 @@ def measure(name: str, device: str, threads: int, steps: int = 1, skip: tuple[st
             timings.append(time.perf_counter() - started)
         seconds[stage.name] = timings[-1]
         rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-        print(f"{stage.name} took {timings[-1]:.1f} s (peak so far {rss_mb:.0f} MB)", file=sys.stderr, flush=True)
+        print(f"{stage.name} took {timings[-1]:.1f} s (peak so far {rss_mb:.0f} MiB)", file=sys.stderr, flush=True)
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     only = set(filter(None, args.only.split(",")))
     print(f"tdtf paper defaults, device {args.device}, {args.threads} threads; seconds of one step per stage")
-    print(f"{'case':22s} {'params':>12s} {'td':>8s} {'step I':>8s} {'step II':>8s} {'step III':>8s} {'peak MB':>9s}")
+    print(f"{'case':22s} {'params':>12s} {'td':>8s} {'step I':>8s} {'step II':>8s} {'step III':>8s} {'peak MiB':>9s}")
     for name in CASES:
         if only and name not in only:
             continue
